@@ -1,0 +1,1 @@
+"""Adapter folders turned into per-module LoRA terms (A, B, scaling, DoRA magnitude) and replacements."""

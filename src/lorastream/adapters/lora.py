@@ -1,0 +1,42 @@
+"""What an adapter contributes to one base module, independent of the format it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..formats.tensor_ref import TensorRef
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: its update is `scale · (B @ A)`, optionally DoRA-normalized.
+
+    `embedding` modules store A as [r, num_embeddings] and B as [dim, r]; their update is transposed.
+    """
+
+    module: str
+    a: TensorRef
+    b: TensorRef
+    scale: float
+    embedding: bool = False
+    magnitude: TensorRef | None = None
+    bias: TensorRef | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def update_shape(self) -> tuple[int, int]:
+        """Shape of `B @ A` ([out, in] for Linear; [dim, vocab] for embeddings)."""
+        return self.b.shape[0], self.a.shape[1]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter as the planner sees it: LoRA modules and whole-tensor replacements, by base module path."""
+
+    source: str
+    modules: dict[str, LoraModule]
+    replacements: dict[str, TensorRef]
+    config: dict[str, object]

@@ -1,0 +1,122 @@
+"""PEFT LoRA adapter folders (`adapter_config.json` + `adapter_model.safetensors|.bin`).
+
+Scaling and pattern matching follow peft 0.21 (`LoraConfig`, `get_pattern_key`); options that change the
+model in ways a weight merge cannot express are refused rather than merged wrongly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..formats.hf import read_json
+from ..formats.safetensors import read_header
+from ..formats.tensor_ref import TensorRef
+from ..formats.torchzip import read_state_dict
+from .lora import Adapter, LoraModule
+
+PREFIX = "base_model.model."
+_LORA_SUFFIXES = {
+    ".lora_A.weight": "a",
+    ".lora_B.weight": "b",
+    ".lora_B.bias": "bias",
+    ".lora_embedding_A": "embedding_a",
+    ".lora_embedding_B": "embedding_b",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
+}
+# Config fields whose non-empty value means the adapter is not a plain weight update.
+_UNMERGEABLE_OPTIONS = {
+    "layer_replication": "it duplicates layers, which changes the model's structure",
+    "trainable_token_indices": "trainable token deltas are not supported yet",
+    "alora_invocation_tokens": "activated LoRA only applies after its invocation tokens; it cannot be merged",
+    "target_parameters": "LoRA on nn.Parameter targets is not supported yet",
+    "megatron_config": "Megatron-parallel LoRA layers are not supported",
+    "use_qalora": "QA-LoRA pools inputs; its update is not a plain B @ A",
+    "use_bdlora": "block-diagonal LoRA is not supported yet",
+    "arrow_config": "Arrow routing chooses adapters per token; it cannot be merged",
+}
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """The value of the first pattern matching `module`, as peft's `get_pattern_key` matches."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _adapter_weights(folder: Path) -> dict[str, TensorRef]:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        path = folder / name
+        if path.is_file():
+            return read_header(path).tensors if name.endswith(".safetensors") else read_state_dict(path)
+    raise InputError(f"{folder}: no adapter weights (expected adapter_model.safetensors or adapter_model.bin)")
+
+
+def _check_config(path: Path, config: dict[str, Any]) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise InputError(f"{path}: peft_type is {peft_type!r}; lorastream merges LORA adapters only "
+                         "(VeRA, AdaLoRA, LoHa, ... have other update rules)")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(config.get(field), int | float):
+            raise InputError(f"{path}: field {field!r} is missing or not a number")
+    for option, why in _UNMERGEABLE_OPTIONS.items():
+        if config.get(option):
+            raise InputError(f"{path}: {option} is set; {why}")
+
+
+def read_peft_adapter(folder: Path) -> Adapter:
+    """Read a PEFT LoRA folder's config and tensor headers into per-module LoRA terms."""
+    config_path = folder / "adapter_config.json"
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder")
+    config = read_json(config_path)
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path}: expected a JSON object")
+    _check_config(config_path, config)
+    parts: dict[str, dict[str, TensorRef]] = {}
+    replacements: dict[str, TensorRef] = {}
+    for key, ref in _adapter_weights(folder).items():
+        if not key.startswith(PREFIX):
+            raise InputError(f"{ref.path}: tensor {key!r} does not start with {PREFIX!r} (not a PEFT LoRA adapter?)")
+        name = key[len(PREFIX):]
+        suffix = next((s for s in _LORA_SUFFIXES if name.endswith(s)), None)
+        if suffix is not None:
+            parts.setdefault(name[: -len(suffix)], {})[_LORA_SUFFIXES[suffix]] = ref
+        elif ".lora_" in name or "trainable_tokens" in name:
+            raise InputError(f"{ref.path}: tensor {key!r} is of a kind lorastream does not merge")
+        else:
+            # modules_to_save, trained biases, or a saved base embedding: replacements of base tensors.
+            replacements[name.replace(".base_layer.", ".")] = ref
+    modules = {module: _lora_module(config_path, config, module, found) for module, found in parts.items()}
+    return Adapter(str(folder), modules, replacements, config)
+
+
+def _lora_module(config_path: Path, config: dict[str, Any], module: str, found: dict[str, TensorRef]) -> LoraModule:
+    embedding = "embedding_a" in found or "embedding_b" in found
+    a = found.get("embedding_a" if embedding else "a")
+    b = found.get("embedding_b" if embedding else "b")
+    if a is None or b is None:
+        raise InputError(f"{config_path.parent}: module {module!r} has only one of its LoRA A/B tensors")
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise InputError(f"{a.path}: module {module!r}: LoRA tensors of shape {list(a.shape)} and {list(b.shape)}; "
+                         "only Linear, Conv1D and Embedding layers are supported (no convolutions)")
+    rank = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    if a.shape[0] != rank or b.shape[1] != rank:
+        raise InputError(f"{a.path}: module {module!r}: LoRA A {list(a.shape)} and B {list(b.shape)} do not have "
+                         f"the rank {rank} that adapter_config.json gives it")
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    magnitude = found.get("magnitude")
+    if magnitude is not None and not config.get("use_dora"):
+        raise InputError(f"{magnitude.path}: module {module!r} has a DoRA magnitude but use_dora is not set")
+    if config.get("use_dora") and magnitude is None:
+        raise InputError(f"{a.path}: use_dora is set but module {module!r} has no lora_magnitude_vector")
+    if embedding and magnitude is not None:
+        raise InputError(f"{a.path}: module {module!r}: DoRA on embeddings is not supported yet")
+    return LoraModule(module, a, b, float(scale), embedding, magnitude, found.get("bias"))

@@ -1,0 +1,147 @@
+"""The Python API: `plan`, `merge` and `inspect`, the same verbs as the command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .adapters.lora import Adapter
+from .adapters.peft import read_peft_adapter
+from .engine import Progress, write_shards
+from .errors import InputError, ResourceError
+from .formats.hf import open_hf_model, read_json
+from .formats.safetensors import read_header
+from .formats.tensor_ref import TensorRef
+from .formats.torchzip import read_state_dict
+from .memory import current_rss, default_budget, parse_size, peak_rss
+from .output import check_destination, promote, staged_folder, write_companions
+from .plan import Plan, describe_shortfall, make_plan
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PathLike = str | Path
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a finished merge produced and what it cost."""
+
+    out_dir: Path
+    files: list[str]
+    bytes_written: int
+    seconds: float
+    peak_rss: int
+    budget: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "files": self.files, "bytes_written": self.bytes_written,
+                "seconds": round(self.seconds, 3), "peak_rss": self.peak_rss, "budget": self.budget}
+
+
+def _adapters(adapters: PathLike | Sequence[PathLike], weights: Sequence[float] | None) -> list[tuple[Adapter, float]]:
+    paths = [adapters] if isinstance(adapters, str | Path) else list(adapters)
+    if not paths:
+        raise InputError("no adapter given")
+    weights = list(weights) if weights is not None else [1.0] * len(paths)
+    if len(weights) != len(paths):
+        raise InputError(f"--weights has {len(weights)} values for {len(paths)} adapters")
+    return [(read_peft_adapter(Path(p)), float(w)) for p, w in zip(paths, weights, strict=True)]
+
+
+def plan(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike, *,
+         weights: Sequence[float] | None = None, max_memory: str | int | None = None,
+         dtype: str | None = None, max_shard_size: str | int = "5GB") -> Plan:
+    """Plan a merge from headers only: output layout, memory and disk needs. Nothing is written."""
+    if dtype is not None and dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    out_dir = Path(out).absolute()
+    probe = next((p for p in (out_dir, *out_dir.parents) if p.exists()), Path("/"))
+    return make_plan(open_hf_model(Path(base)), _adapters(adapters, weights), out_dir,
+                     budget=parse_size(max_memory) if max_memory is not None else default_budget(),
+                     baseline=current_rss(), disk_free=shutil.disk_usage(probe).free,
+                     max_shard_size=parse_size(max_shard_size), dtype=DTYPES.get(dtype or ""))
+
+
+def _provenance(job: Plan, options: dict[str, Any]) -> dict[str, Any]:
+    return {"producer": "lorastream", "version": __version__, "base": str(job.base.path.absolute()),
+            "adapters": [{"path": str(Path(a.source).absolute()), "weight": w} for a, w in job.adapters],
+            "options": options}
+
+
+def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike, *,
+          weights: Sequence[float] | None = None, max_memory: str | int | None = None,
+          dtype: str | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
+          progress: Progress | None = None) -> MergeResult:
+    """Merge LoRA adapters into a Hugging Face model, streaming within the memory budget.
+
+    Raises `InputError` (bad input) or `ResourceError` (not enough memory or disk) before writing
+    anything; the output folder appears only when complete.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out).absolute()
+    check_destination(out_dir, overwrite)
+    job = plan(base, adapters, out_dir, weights=weights, max_memory=max_memory, dtype=dtype,
+               max_shard_size=max_shard_size)
+    shortfall = describe_shortfall(job)
+    if shortfall:
+        raise ResourceError(shortfall)
+    options = {"dtype": dtype, "max_memory": job.memory.budget, "max_shard_size": job.max_shard_size}
+    record = _provenance(job, options)
+    metadata = {"format": "pt", "lorastream": json.dumps(record, separators=(",", ":"))}
+    with staged_folder(out_dir) as staging:
+        write_shards(job, staging, metadata, progress or (lambda _n: None))
+        write_companions(job, staging, record)
+        promote(staging, out_dir)
+    return MergeResult(out_dir, sorted(p.name for p in out_dir.iterdir()), job.total_size,
+                       time.perf_counter() - started, peak_rss(), job.memory.budget)
+
+
+def _summarize_tensors(tensors: dict[str, TensorRef]) -> dict[str, Any]:
+    dtypes = Counter(str(ref.dtype).removeprefix("torch.") for ref in tensors.values())
+    return {"tensors": len(tensors), "parameters": sum(r.numel for r in tensors.values()),
+            "bytes": sum(r.nbytes for r in tensors.values()), "dtypes": dict(dtypes),
+            "tensor_list": [{"name": n, "dtype": str(r.dtype).removeprefix("torch."), "shape": list(r.shape)}
+                            for n, r in tensors.items()]}
+
+
+def inspect(path: PathLike) -> dict[str, Any]:
+    """Describe a model folder, an adapter folder or a single weight file (headers only)."""
+    path = Path(path)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        adapter = read_peft_adapter(path)
+        refs = {**{f"{m}.lora_A": l.a for m, l in adapter.modules.items()},
+                **{f"{m}.lora_B": l.b for m, l in adapter.modules.items()}, **adapter.replacements}
+        config = adapter.config
+        return {"path": str(path), "format": "peft-lora", **_summarize_tensors(refs),
+                "r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
+                "use_rslora": bool(config.get("use_rslora")), "use_dora": bool(config.get("use_dora")),
+                "rank_pattern": config.get("rank_pattern") or {}, "alpha_pattern": config.get("alpha_pattern") or {},
+                "target_modules": config.get("target_modules"), "modules_to_save": config.get("modules_to_save"),
+                "base_model": config.get("base_model_name_or_path"),
+                "modules": {m: {"rank": lora.rank, "scale": lora.scale, "embedding": lora.embedding,
+                                "dora": lora.magnitude is not None, "lora_bias": lora.bias is not None}
+                            for m, lora in adapter.modules.items()},
+                "replacements": sorted(adapter.replacements)}
+    if path.is_dir():
+        model = open_hf_model(path)
+        return {"path": str(path), "format": f"hf-{model.weight_format}", **_summarize_tensors(model.tensors),
+                "model_type": model.model_type, "architectures": model.config.get("architectures"),
+                "quantization": model.config.get("quantization_config"),
+                "files": [p.name for p in model.weight_files]}
+    if path.suffix == ".safetensors":
+        header = read_header(path)
+        return {"path": str(path), "format": "safetensors", **_summarize_tensors(header.tensors),
+                "metadata": header.metadata}
+    if path.suffix in (".bin", ".pth", ".pt", ".lora"):
+        return {"path": str(path), "format": "torch-zip", **_summarize_tensors(read_state_dict(path))}
+    if path.suffix == ".json":
+        return {"path": str(path), "format": "json", "content": read_json(path)}
+    raise InputError(f"{path}: not a model folder, adapter folder or weight file")

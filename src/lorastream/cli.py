@@ -1,0 +1,172 @@
+"""The command line: parse options, call the API, render the result. Exit statuses are in the README."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from . import api
+from .errors import LorastreamError
+from .memory import format_size
+from .plan import Plan, describe_shortfall
+
+DTYPE_CHOICE = click.Choice(sorted(api.DTYPES))
+
+
+def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn lorastream's errors into one line on stderr and their exit status, no traceback."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except LorastreamError as exc:
+            click.echo(f"lorastream: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("lorastream: interrupted; nothing was written to the output folder", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated numbers such as 0.7,0.3") from None
+
+
+_job_options = [
+    click.argument("base", type=click.Path(file_okay=False)),
+    click.argument("adapters", nargs=-1, required=True, type=click.Path(file_okay=False)),
+    click.option("-o", "--out", required=True, type=click.Path(), help="Output folder."),
+    click.option("--weights", help="Comma-separated weight per adapter (default 1 each)."),
+    click.option("--max-memory", help="Peak RSS budget for the whole process, e.g. 512MiB, 2GiB, 4GB "
+                 "(default: half the available memory, at most 4 GiB)."),
+    click.option("--dtype", type=DTYPE_CHOICE, help="Output dtype of floating tensors (default: as in the base)."),
+    click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard."),
+    click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
+]
+
+
+def _with_job_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_job_options):
+        command = option(command)
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lorastream")
+def main() -> None:
+    """Merge LoRA adapters into full models in bounded memory."""
+
+
+@main.command()
+@_with_job_options
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder (only once the new one is complete).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_reports_errors
+def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
+          dtype: str | None, max_shard_size: str, as_json: bool, overwrite: bool, quiet: bool) -> None:
+    """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr,
+              disable=quiet or not sys.stderr.isatty()) as bar:
+        result = api.merge(base, list(adapters), out, weights=_parse_weights(weights), max_memory=max_memory,
+                           dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(f"wrote {result.out_dir} ({format_size(result.bytes_written)} in {len(result.files)} files) "
+                   f"in {result.seconds:.1f} s", err=True)
+    click.echo(f"Memory used: peak RSS {format_size(result.peak_rss)} of a {format_size(result.budget)} budget",
+               err=True)
+
+
+def _plan_json(job: Plan) -> dict[str, Any]:
+    return {"budget": job.memory.budget, "minimum_budget": job.memory.minimum, "baseline_rss": job.memory.baseline,
+            "block_elements": job.memory.block_elements, "disk_needed": job.disk_needed, "disk_free": job.disk_free,
+            "total_size": job.total_size,
+            "shards": [{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in job.shards],
+            "targets": job.targets, "fits": describe_shortfall(job) is None}
+
+
+def _render_plan(job: Plan) -> str:
+    merged = sum(1 for t in job.tensors if not t.is_copy)
+    lines = [
+        f"base      {job.base.path} ({job.base.weight_format}, {len(job.base.tensors)} tensors)",
+        *(f"adapter   {a.source} (weight {w:g}, {len(a.modules)} LoRA modules, "
+          f"{len(a.replacements)} replaced tensors)" for a, w in job.adapters),
+        f"output    {job.out_dir}: {format_size(job.total_size)}, {len(job.tensors)} tensors "
+        f"({merged} computed, {len(job.tensors) - merged} copied)",
+        f"memory    budget {format_size(job.memory.budget)}, minimum {format_size(job.memory.minimum)} "
+        f"(baseline {format_size(job.memory.baseline)}, adapter tensors {format_size(job.memory.adapter_peak)}, "
+        f"row blocks of up to {job.memory.block_elements:,} elements)",
+        f"disk      needs {format_size(job.disk_needed)}, {format_size(job.disk_free)} free",
+        "shards",
+        *(f"  {s.filename}  {format_size(s.nbytes)}  {len(s.tensors)} tensors" for s in job.shards),
+        "targets",
+        *(f"  {name}  <-  {', '.join(sources)}" for name, sources in job.targets.items()),
+    ]
+    return "\n".join(lines)
+
+
+@main.command("plan")
+@_with_job_options
+@_reports_errors
+def plan_command(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
+                 dtype: str | None, max_shard_size: str, as_json: bool) -> None:
+    """Show what merging ADAPTERS into BASE needs (memory, disk, shards, targets) without reading weights."""
+    job = api.plan(base, list(adapters), out, weights=_parse_weights(weights), max_memory=max_memory, dtype=dtype,
+                   max_shard_size=max_shard_size)
+    click.echo(json.dumps(_plan_json(job), indent=2) if as_json else _render_plan(job))
+    shortfall = describe_shortfall(job)
+    if shortfall:
+        click.echo(f"lorastream: cannot run: {shortfall}", err=True)
+        sys.exit(3)
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor.")
+@_reports_errors
+def inspect(path: str, as_json: bool, show_tensors: bool) -> None:
+    """Describe a model folder, adapter folder or weight file from its headers."""
+    info = api.inspect(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    tensor_list = info.pop("tensor_list", [])
+    modules = info.pop("modules", None)
+    for key, value in info.items():
+        if value not in (None, {}, []):
+            shown = format_size(value) if key == "bytes" else value
+            click.echo(f"{key:16} {shown}")
+    if modules:
+        click.echo("modules")
+        for name, spec in modules.items():
+            flags = [k for k in ("embedding", "dora", "lora_bias") if spec[k]]
+            click.echo(f"  {name}  r={spec['rank']} scale={spec['scale']:g}{' ' + ','.join(flags) if flags else ''}")
+    if show_tensors:
+        for t in tensor_list:
+            click.echo(f"  {t['name']}  {t['dtype']}  {t['shape']}")
+
+
+@main.command()
+@click.option("--max-memory", default="400MiB", show_default=True, help="Budget for the demo merge.")
+@click.option("--keep", type=click.Path(file_okay=False), help="Build in this folder and keep it.")
+@_reports_errors
+def demo(max_memory: str, keep: str | None) -> None:
+    """Build a small random Llama-style model and PEFT adapter, merge them, check against PEFT."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(max_memory, keep, echo=lambda line: click.echo(line, err=True)))

@@ -1,0 +1,112 @@
+"""Hugging Face model folders: config.json, weight files (sharded or not), and the files that travel with them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from .safetensors import read_header
+from .tensor_ref import TensorRef
+from .torchzip import read_state_dict
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".index.json")
+
+_CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class HFModel:
+    """A base model folder: its config, its tensors (in storage order) and the other files to carry over."""
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorRef]
+    weight_format: str
+    weight_files: tuple[Path, ...]
+    companion_files: tuple[Path, ...]
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The model's declared dtype, else the most common floating dtype among its tensors."""
+        declared = self.config.get("dtype") or self.config.get("torch_dtype")
+        if declared in _CONFIG_DTYPES:
+            return _CONFIG_DTYPES[declared]
+        counts: dict[torch.dtype, int] = {}
+        for ref in self.tensors.values():
+            if ref.dtype.is_floating_point:
+                counts[ref.dtype] = counts.get(ref.dtype, 0) + ref.numel
+        return max(counts, key=counts.__getitem__) if counts else None
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", ""))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _index_files(folder: Path, index_path: Path) -> list[Path]:
+    """The weight files an index names, each confined to `folder`."""
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{index_path}: expected a non-empty 'weight_map' object")
+    files: list[Path] = []
+    root = folder.resolve()
+    for name, filename in weight_map.items():
+        if not isinstance(filename, str):
+            raise InputError(f"{index_path}: tensor {name!r} maps to {filename!r}, expected a file name")
+        path = (folder / filename).resolve()
+        if not path.is_relative_to(root):
+            raise InputError(f"{index_path}: tensor {name!r} points outside the model folder ({filename!r})")
+        if not path.is_file():
+            raise InputError(f"{index_path}: tensor {name!r} is in {filename!r}, which does not exist")
+        if path not in files:
+            files.append(path)
+    return files
+
+
+def _locate_weights(folder: Path) -> tuple[str, list[Path]]:
+    for index_name, single, fmt in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "safetensors"),
+                                    (BIN_INDEX, BIN_SINGLE, "pytorch")):
+        if (folder / index_name).is_file():
+            return fmt, _index_files(folder, folder / index_name)
+        if (folder / single).is_file():
+            return fmt, [folder / single]
+    raise InputError(f"{folder}: no model weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+                     f"{BIN_SINGLE} or {BIN_INDEX})")
+
+
+def open_hf_model(folder: Path) -> HFModel:
+    """Read the headers of a Hugging Face model folder; no weight bytes are loaded."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder")
+    config = read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise InputError(f"{folder / 'config.json'}: expected a JSON object")
+    fmt, files = _locate_weights(folder)
+    tensors: dict[str, TensorRef] = {}
+    for path in files:
+        refs = read_header(path).tensors if fmt == "safetensors" else read_state_dict(path)
+        for name, ref in refs.items():
+            if name in tensors:
+                raise InputError(f"{path}: tensor {name!r} is also stored in {tensors[name].path.name}")
+            tensors[name] = ref
+    companions = tuple(sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                              and p.name != "config.json" and not p.name.endswith(WEIGHT_SUFFIXES)))
+    return HFModel(folder, config, tensors, fmt, tuple(files), companions)

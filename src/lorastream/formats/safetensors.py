@@ -1,0 +1,187 @@
+"""safetensors, spec first: a validating header reader and a streaming shard writer.
+
+The `safetensors` package reads and writes whole tensors; a merge needs to read row ranges and to write a
+shard whose tensors are produced block by block, so both halves of the format are written here by hand,
+following https://github.com/huggingface/safetensors#format.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .tensor_ref import TensorRef
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+# Headers larger than this are refused before allocation (the reference implementation uses 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+# errno values meaning copy_file_range is unavailable between these files: fall back to read + write.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+
+
+@dataclass(frozen=True)
+class SafetensorsFile:
+    """The parsed header of one safetensors file: its tensors (in data order) and its metadata."""
+
+    path: Path
+    tensors: dict[str, TensorRef]
+    metadata: dict[str, str]
+
+
+def read_header(path: Path) -> SafetensorsFile:
+    """Parse and validate the header of `path`; no tensor data is read."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InputError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise InputError(f"{path}: header length {header_len} does not fit in the file ({size} bytes)")
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: __metadata__ must map strings to strings")
+    data_start = 8 + header_len
+    entries = sorted((_parse_entry(path, name, info) for name, info in header.items()), key=lambda e: e[1])
+    expected_begin = 0
+    tensors: dict[str, TensorRef] = {}
+    for name, begin, end, dtype, shape in entries:
+        if begin != expected_begin:
+            raise InputError(f"{path}: tensor {name!r} starts at byte {begin}, expected {expected_begin} "
+                             "(tensors must tile the data buffer without holes or overlaps)")
+        expected_begin = end
+        tensors[name] = TensorRef(name, dtype, shape, path, data_start + begin)
+    if data_start + expected_begin != size:
+        raise InputError(f"{path}: data buffer holds {size - data_start} bytes, the header describes "
+                         f"{expected_begin} (truncated or corrupt file)")
+    return SafetensorsFile(path, tensors, dict(metadata))
+
+
+def _parse_entry(path: Path, name: str, info: object) -> tuple[str, int, int, torch.dtype, tuple[int, ...]]:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise InputError(f"{path}: tensor {name!r}: expected keys dtype, shape, data_offsets")
+    dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise InputError(f"{path}: tensor {name!r}: unsupported dtype {info['dtype']!r}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise InputError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        raise InputError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
+    begin, end = offsets
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise InputError(f"{path}: tensor {name!r}: {end - begin} bytes stored, shape {shape} in "
+                         f"{info['dtype']} needs {math.prod(shape) * dtype.itemsize}")
+    return name, begin, end, dtype, tuple(shape)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the writer needs to lay out a tensor before its bytes exist."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def encode_header(specs: Iterable[TensorSpec], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header for tensors stored back to back in the given order."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data buffer 8-byte aligned, as the reference writer does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensors arrive as byte chunks, in header order.
+
+    The file is written under a temporary name in the same folder with unbuffered writes (so zero-copy
+    kernel copies can be interleaved); `commit` checks that every byte arrived, fsyncs and renames it,
+    so a reader never sees a partial shard under its final name.
+    """
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str]):
+        self.path = path
+        self.temp_path = path.with_name(f".{path.name}.partial")
+        header = encode_header(specs, metadata)
+        self._expected = len(header) + sum(spec.nbytes for spec in specs)
+        self.fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._written = 0
+        self.write(header)
+
+    def write(self, chunk: memoryview | bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            done = os.write(self.fd, view)
+            view = view[done:]
+            self._written += done
+
+    def copy_from(self, fd: int, offset: int, count: int) -> bool:
+        """Append `count` bytes of `fd` from `offset` inside the kernel; False if this kernel cannot."""
+        copied = 0
+        while copied < count:
+            try:
+                done = os.copy_file_range(fd, self.fd, count - copied, offset + copied)
+            except OSError as exc:
+                if copied == 0 and exc.errno in _NO_KERNEL_COPY:
+                    return False
+                raise
+            if done == 0:
+                raise InputError(f"input ended while copying {count - copied} more bytes (truncated file?)")
+            copied += done
+            self._written += done
+        return True
+
+    def commit(self) -> None:
+        if self._written != self._expected:
+            raise AssertionError(f"{self.path}: wrote {self._written} bytes, expected {self._expected}")
+        os.fsync(self.fd)
+        os.close(self.fd)
+        os.replace(self.temp_path, self.path)
+
+    def abort(self) -> None:
+        os.close(self.fd)
+        self.temp_path.unlink(missing_ok=True)

@@ -1,0 +1,302 @@
+"""The merge plan: every output tensor with its sources, the shard layout, and what the job needs.
+
+Planning is pure: it works from headers and adapter shapes only, so `lorastream plan` can tell a user
+what a job needs before a single weight byte is read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_state_dict_into_shards_factory
+
+from .adapters.lora import Adapter, LoraModule
+from .errors import InputError
+from .formats.hf import HFModel
+from .formats.tensor_ref import TensorRef
+from .memory import format_size
+
+# Models whose linear layers are GPT-2 `Conv1D` (weights stored [in, out]): the tie-breaker for square weights.
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+# A block of fewer rows makes torch's CPU matmul take another kernel whose rounding differs from the
+# whole-matrix product PEFT computes (measured: 1-11 rows differ, 12 and more match), so blocks that split
+# a tensor have at least this many rows.
+MIN_BLOCK_ROWS = 32
+# Above this many elements per block, larger blocks stop paying off and only cost memory.
+MAX_BLOCK_ELEMENTS = 1 << 22
+# Headroom for Python objects, allocator slack and the progress display, on top of measured baseline RSS.
+RESERVE_BYTES = 48 << 20
+HEADER_ALLOWANCE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One LoRA term added to a tensor: `weight · scale · (B @ A)`, transposed when rows are A's columns."""
+
+    lora: LoraModule
+    weight: float
+    transposed: bool
+
+    @property
+    def scale(self) -> float:
+        return self.lora.scale * self.weight
+
+    @property
+    def fp32_bytes(self) -> int:
+        """Memory the A and B tensors take while their module is merged (read, then upcast)."""
+        numel = self.lora.a.numel + self.lora.b.numel
+        return numel * (4 + self.lora.a.dtype.itemsize)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the output and how to compute it from its sources."""
+
+    name: str
+    source: TensorRef
+    dtype: torch.dtype
+    deltas: tuple[Delta, ...] = ()
+    bias_deltas: tuple[tuple[TensorRef, float], ...] = ()
+    magnitude: TensorRef | None = None
+    origin: str = "base"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.numel * self.dtype.itemsize
+
+    @property
+    def rows(self) -> int:
+        return self.source.rows
+
+    @property
+    def row_elements(self) -> int:
+        return self.source.numel // self.rows if self.rows else 0
+
+    @property
+    def is_copy(self) -> bool:
+        """True when the output bytes equal the source bytes, so they can be copied without decoding."""
+        return not (self.deltas or self.bias_deltas or self.magnitude) and self.dtype == self.source.dtype
+
+    @property
+    def needs_fp32(self) -> bool:
+        return bool(self.deltas or self.bias_deltas or self.magnitude)
+
+
+@dataclass(frozen=True)
+class Shard:
+    filename: str
+    tensors: tuple[OutputTensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How the budget is spent: measured baseline, adapter tensors, and the reused row-block buffers."""
+
+    budget: int
+    baseline: int
+    reserve: int
+    adapter_peak: int
+    bytes_per_element: int
+    block_elements: int
+    min_block_elements: int
+
+    @property
+    def minimum(self) -> int:
+        """The smallest budget with which the job can run."""
+        return self.baseline + self.reserve + self.adapter_peak + self.min_block_elements * self.bytes_per_element
+
+    @property
+    def fits(self) -> bool:
+        return self.budget >= self.minimum
+
+
+@dataclass(frozen=True)
+class Plan:
+    base: HFModel
+    adapters: tuple[tuple[Adapter, float], ...]
+    out_dir: Path
+    tensors: tuple[OutputTensor, ...]
+    shards: tuple[Shard, ...]
+    memory: MemoryPlan
+    disk_needed: int
+    disk_free: int
+    max_shard_size: int
+    dtype: torch.dtype | None
+    targets: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def total_size(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def fits_disk(self) -> bool:
+        return self.disk_free >= self.disk_needed
+
+
+def _base_name(base: HFModel, module_path: str, leaf: str) -> str | None:
+    """The base tensor for `module_path.leaf`, also trying without the base-model prefix (`transformer.`)."""
+    candidates = [f"{module_path}.{leaf}"]
+    if "." in module_path:
+        candidates.append(f"{module_path.split('.', 1)[1]}.{leaf}")
+    return next((c for c in candidates if c in base.tensors), None)
+
+
+def _is_transposed(base: HFModel, lora: LoraModule, weight: TensorRef) -> bool:
+    """Whether the base stores this module's weight as the transpose of `B @ A` (embeddings, GPT-2 Conv1D)."""
+    out_features, in_features = lora.update_shape
+    if len(weight.shape) != 2:
+        raise InputError(f"{weight.path}: tensor {weight.name!r} has shape {list(weight.shape)}; the adapter "
+                         f"targets it with a LoRA update of shape [{out_features}, {in_features}]")
+    if lora.embedding:
+        transposed = True
+    elif out_features == in_features:
+        transposed = base.model_type in CONV1D_MODEL_TYPES
+    else:
+        transposed = weight.shape == (in_features, out_features)
+    expected = (in_features, out_features) if transposed else (out_features, in_features)
+    if weight.shape != expected:
+        raise InputError(f"{lora.a.path}: module {lora.module!r}: LoRA update [{out_features}, {in_features}] "
+                         f"does not fit base tensor {weight.name!r} of shape {list(weight.shape)} "
+                         "(an adapter for another model?)")
+    return transposed
+
+
+@dataclass
+class _Contributions:
+    deltas: list[Delta] = field(default_factory=list)
+    bias_deltas: list[tuple[TensorRef, float]] = field(default_factory=list)
+    magnitude: TensorRef | None = None
+    replacement: TensorRef | None = None
+
+
+def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...]) -> tuple[dict[str, _Contributions],
+                                                                                   dict[str, list[str]]]:
+    """Map every adapter tensor to the base tensor it changes."""
+    found: dict[str, _Contributions] = {}
+    targets: dict[str, list[str]] = {}
+    for adapter, weight in adapters:
+        for module, lora in adapter.modules.items():
+            name = _base_name(base, module, "weight")
+            if name is None:
+                raise InputError(f"{lora.a.path}: module {module!r} has no weight in the base model "
+                                 f"{base.path} (an adapter for another model, or tied weights?)")
+            ref = base.tensors[name]
+            entry = found.setdefault(name, _Contributions())
+            entry.deltas.append(Delta(lora, weight, _is_transposed(base, lora, ref)))
+            targets.setdefault(name, []).append(f"{adapter.source}:{module}")
+            if lora.magnitude is not None:
+                if entry.magnitude is not None or len(adapters) > 1:
+                    raise InputError(f"{lora.magnitude.path}: module {module!r}: DoRA cannot be combined with "
+                                     "other adapters on the same module")
+                expected = ref.shape[1] if entry.deltas[-1].transposed else ref.shape[0]
+                if lora.magnitude.shape != (expected,):
+                    raise InputError(f"{lora.magnitude.path}: module {module!r}: magnitude of shape "
+                                     f"{list(lora.magnitude.shape)}, expected [{expected}]")
+                entry.magnitude = lora.magnitude
+            if lora.bias is not None:
+                bias_name = _base_name(base, module, "bias")
+                if bias_name is None:
+                    raise InputError(f"{lora.bias.path}: module {module!r}: lora_bias needs a bias in the base "
+                                     "layer, and the base has none")
+                if base.tensors[bias_name].shape != lora.bias.shape:
+                    raise InputError(f"{lora.bias.path}: module {module!r}: lora_B.bias of shape "
+                                     f"{list(lora.bias.shape)} does not fit {bias_name!r}")
+                found.setdefault(bias_name, _Contributions()).bias_deltas.append((lora.bias, lora.scale * weight))
+        for name, ref in adapter.replacements.items():
+            module, _, leaf = name.rpartition(".")
+            target = _base_name(base, module, leaf) or name
+            entry = found.setdefault(target, _Contributions())
+            if entry.replacement is not None:
+                raise InputError(f"{ref.path}: tensor {name!r} is replaced by more than one adapter")
+            entry.replacement = ref
+            targets.setdefault(target, []).append(f"{adapter.source}:{name} (replaces)")
+    for name, entry in found.items():
+        if entry.replacement is not None and (entry.deltas or entry.bias_deltas):
+            raise InputError(f"{entry.replacement.path}: tensor {name!r} is both replaced and LoRA-adapted")
+    return found, targets
+
+
+def _output_dtype(ref: TensorRef, dtype: torch.dtype | None, like: TensorRef | None = None) -> torch.dtype:
+    if not ref.dtype.is_floating_point:
+        return ref.dtype
+    return dtype or (like.dtype if like is not None else ref.dtype)
+
+
+def _output_tensors(base: HFModel, found: dict[str, _Contributions], dtype: torch.dtype | None) -> list[OutputTensor]:
+    outputs: list[OutputTensor] = []
+    names = list(base.tensors) + [n for n in found if n not in base.tensors]
+    for name in names:
+        ref = base.tensors.get(name)
+        entry = found.get(name, _Contributions())
+        if entry.replacement is not None:
+            source = entry.replacement
+            outputs.append(OutputTensor(name, source, _output_dtype(source, dtype, ref), origin="adapter"))
+            continue
+        assert ref is not None
+        outputs.append(OutputTensor(name, ref, _output_dtype(ref, dtype), tuple(entry.deltas),
+                                    tuple(entry.bias_deltas), entry.magnitude))
+    return outputs
+
+
+def _shards(tensors: list[OutputTensor], max_shard_size: int) -> tuple[Shard, ...]:
+    """Hugging Face's greedy shard layout, computed from sizes alone."""
+    by_name = {t.name: t for t in tensors}
+    split = split_state_dict_into_shards_factory(by_name, get_storage_size=lambda t: t.nbytes,
+                                                 filename_pattern="model{suffix}.safetensors",
+                                                 max_shard_size=max_shard_size)
+    return tuple(Shard(filename, tuple(by_name[n] for n in names))
+                 for filename, names in split.filename_to_tensors.items())
+
+
+def _memory_plan(tensors: list[OutputTensor], budget: int, baseline: int) -> MemoryPlan:
+    decoded = [t for t in tensors if not t.is_copy]
+    if not decoded:
+        return MemoryPlan(budget, baseline, RESERVE_BYTES, 0, 0, 0, 0)
+    in_item = max(t.source.dtype.itemsize for t in decoded)
+    out_item = max(t.dtype.itemsize for t in decoded)
+    fp32 = 8 if any(t.needs_fp32 for t in decoded) else 0  # the float32 work block and the delta block
+    per_element = in_item + out_item + fp32
+    adapter_peak = max((sum(d.fp32_bytes for d in t.deltas) + (t.magnitude.numel * 8 if t.magnitude else 0)
+                        for t in decoded), default=0)
+    min_elements = max(min(t.rows, MIN_BLOCK_ROWS) * t.row_elements for t in decoded)
+    spare = budget - baseline - RESERVE_BYTES - adapter_peak
+    elements = max(min_elements, min(MAX_BLOCK_ELEMENTS, spare // per_element))
+    return MemoryPlan(budget, baseline, RESERVE_BYTES, adapter_peak, per_element, elements, min_elements)
+
+
+def make_plan(base: HFModel, adapters: list[tuple[Adapter, float]], out_dir: Path, *, budget: int, baseline: int,
+              disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None) -> Plan:
+    """Plan merging `adapters` (each with its weight) into `base`; pure, from headers only."""
+    frozen = tuple(adapters)
+    found, targets = _collect(base, frozen)
+    tensors = _output_tensors(base, found, dtype)
+    shards = _shards(tensors, max_shard_size)
+    disk_needed = sum(s.nbytes for s in shards) + HEADER_ALLOWANCE * len(shards)
+    return Plan(base, frozen, out_dir, tuple(tensors), shards, _memory_plan(tensors, budget, baseline),
+                disk_needed, disk_free, max_shard_size, dtype, targets)
+
+
+def describe_shortfall(plan: Plan) -> str | None:
+    """Why the plan cannot run, with the numbers and the option that would make it fit; None when it can."""
+    if not plan.memory.fits:
+        return (f"--max-memory {format_size(plan.memory.budget)} is below the {format_size(plan.memory.minimum)} "
+                f"this job needs (baseline {format_size(plan.memory.baseline)}, adapter tensors "
+                f"{format_size(plan.memory.adapter_peak)}, smallest row block "
+                f"{format_size(plan.memory.min_block_elements * plan.memory.bytes_per_element)}); "
+                f"use --max-memory {math.ceil(plan.memory.minimum / 2**20)}MiB or more")
+    if not plan.fits_disk:
+        return (f"{plan.out_dir}: the output needs {format_size(plan.disk_needed)} and only "
+                f"{format_size(plan.disk_free)} is free there; free {format_size(plan.disk_needed - plan.disk_free)} "
+                "or choose another -o folder")
+    return None
