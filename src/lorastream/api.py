@@ -24,7 +24,7 @@ from .formats.tensor_ref import TensorRef
 from .formats.torchzip import read_state_dict
 from .memory import current_rss, default_budget, parse_size, peak_rss
 from .output import check_destination, promote, staged_folder, write_companions
-from .plan import Plan, describe_shortfall, make_plan
+from .planner import Plan, describe_shortfall, make_plan
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PathLike = str | Path

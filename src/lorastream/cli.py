@@ -14,7 +14,7 @@ from tqdm import tqdm
 from . import api
 from .errors import LorastreamError
 from .memory import format_size
-from .plan import Plan, describe_shortfall
+from .planner import Plan, describe_shortfall
 
 DTYPE_CHOICE = click.Choice(sorted(api.DTYPES))
 

@@ -20,23 +20,28 @@ from .errors import InputError, ResourceError
 from .formats.safetensors import ShardWriter, TensorSpec
 from .formats.tensor_ref import TensorRef
 from .memory import format_size
-from .plan import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan
+from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan
 
 Progress = Callable[[int], None]
+# Chunk for copying unchanged tensors through user space when the kernel cannot copy between the files.
+COPY_CHUNK = 1 << 20
 
 
 def row_blocks(rows: int, block_rows: int) -> Iterator[tuple[int, int]]:
-    """Split [0, rows) into blocks of at most `block_rows` rows, none shorter than MIN_BLOCK_ROWS
-    unless the whole tensor is."""
+    """Split [0, rows) into blocks of at most `block_rows` rows and, unless the tensor is one block, at least
+    MIN_BLOCK_ROWS rows: a short tail is balanced with the block before it. The planner guarantees
+    `block_rows >= 2 * MIN_BLOCK_ROWS` whenever a tensor has more rows than that."""
     if rows <= block_rows:
         yield 0, rows
         return
-    block_rows = max(block_rows, 2 * MIN_BLOCK_ROWS)
+    full, tail = divmod(rows, block_rows)
+    stops = [block_rows * (i + 1) for i in range(full)]
+    if tail:
+        stops.append(rows)
+        if tail < MIN_BLOCK_ROWS:
+            stops[-2] = rows - (block_rows + tail) // 2
     start = 0
-    while start < rows:
-        stop = min(rows, start + block_rows)
-        if 0 < rows - stop < MIN_BLOCK_ROWS:
-            stop = rows - MIN_BLOCK_ROWS
+    for stop in stops:
         yield start, stop
         start = stop
 
@@ -48,7 +53,7 @@ class _Buffers:
         elements = plan.memory.block_elements
         decoded = [t for t in plan.tensors if not t.is_copy] or list(plan.tensors)
         self.elements = elements
-        self.raw_in = bytearray(elements * max(t.source.dtype.itemsize for t in decoded))
+        self.raw_in = bytearray(max(COPY_CHUNK, elements * max(t.source.dtype.itemsize for t in decoded)))
         self.raw_out = bytearray(elements * max(t.dtype.itemsize for t in decoded))
         needs_fp32 = any(t.needs_fp32 for t in decoded)
         self.work = torch.empty(elements if needs_fp32 else 0, dtype=torch.float32)
@@ -89,7 +94,10 @@ class _TensorMerger:
         self.block_rows = max(1, buffers.elements // max(1, self.cols))
 
     def run(self) -> None:
-        if self.t.source.numel == 0 or (self.t.is_copy and self._copy_in_kernel()):
+        if self.t.source.numel == 0:
+            return
+        if self.t.is_copy:
+            self._copy()
             return
         deltas = [_LoadedDelta.load(d) for d in self.t.deltas]
         magnitude = self.t.magnitude.read().float() if self.t.magnitude is not None else None
@@ -112,16 +120,21 @@ class _TensorMerger:
             self.writer.write(memoryview(self.buf.raw_out)[:nbytes])
             self.progress(nbytes)
 
-    def _copy_in_kernel(self) -> bool:
+    def _copy(self) -> None:
+        """Unchanged bytes: copied inside the kernel, else through the input buffer in chunks."""
         src = self.t.source
         fd = os.open(src.path, os.O_RDONLY)
         try:
-            copied = self.writer.copy_from(fd, src.offset, src.nbytes)
+            if not self.writer.copy_from(fd, src.offset, src.nbytes):
+                buffer = memoryview(self.buf.raw_in)
+                for start in range(0, src.nbytes, len(buffer)):
+                    count = min(len(buffer), src.nbytes - start)
+                    if os.preadv(fd, [buffer[:count]], src.offset + start) != count:
+                        raise InputError(f"{src.path}: tensor {src.name!r} ends past the end of the file")
+                    self.writer.write(buffer[:count])
         finally:
             os.close(fd)
-        if copied:
-            self.progress(src.nbytes)
-        return copied
+        self.progress(src.nbytes)
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
         rows = self.t.source.read_rows_into(start, stop, memoryview(self.buf.raw_in))
@@ -130,6 +143,9 @@ class _TensorMerger:
     def _decode(self, start: int, stop: int, deltas: list[_LoadedDelta]) -> torch.Tensor:
         """Rows [start, stop) of the source plus every delta, in float32."""
         source = self._read(start, stop)
+        if self.t.is_replacement:
+            # PEFT loads a replacement into the model's parameter, in the model's dtype, before merging.
+            source = source.to(self.t.dtype)
         work = self.buf.work[: source.numel()].view(source.shape)
         work.copy_(source)
         for delta in deltas:

@@ -18,7 +18,7 @@ import torch
 
 from .errors import InputError
 from .formats.hf import SAFETENSORS_INDEX
-from .plan import Plan
+from .planner import Plan
 
 PROVENANCE_FILE = "lorastream.json"
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}

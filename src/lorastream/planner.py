@@ -23,8 +23,9 @@ from .memory import format_size
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 # A block of fewer rows makes torch's CPU matmul take another kernel whose rounding differs from the
 # whole-matrix product PEFT computes (measured: 1-11 rows differ, 12 and more match), so blocks that split
-# a tensor have at least this many rows.
-MIN_BLOCK_ROWS = 32
+# a tensor have at least this many rows; planned blocks hold at least twice as many, so a short tail can
+# be balanced with the block before it.
+MIN_BLOCK_ROWS = 16
 # Above this many elements per block, larger blocks stop paying off and only cost memory.
 MAX_BLOCK_ELEMENTS = 1 << 22
 # Headroom for Python objects, allocator slack and the progress display, on top of measured baseline RSS.
@@ -61,7 +62,11 @@ class OutputTensor:
     deltas: tuple[Delta, ...] = ()
     bias_deltas: tuple[tuple[TensorRef, float], ...] = ()
     magnitude: TensorRef | None = None
-    origin: str = "base"
+    origin: str = "base"  # "adapter" when an adapter tensor replaces the base one
+
+    @property
+    def is_replacement(self) -> bool:
+        return self.origin == "adapter"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -82,7 +87,7 @@ class OutputTensor:
     @property
     def is_copy(self) -> bool:
         """True when the output bytes equal the source bytes, so they can be copied without decoding."""
-        return not (self.deltas or self.bias_deltas or self.magnitude) and self.dtype == self.source.dtype
+        return not self.needs_fp32 and self.dtype == self.source.dtype
 
     @property
     def needs_fp32(self) -> bool:
@@ -221,9 +226,6 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...]) -> tupl
                 raise InputError(f"{ref.path}: tensor {name!r} is replaced by more than one adapter")
             entry.replacement = ref
             targets.setdefault(target, []).append(f"{adapter.source}:{name} (replaces)")
-    for name, entry in found.items():
-        if entry.replacement is not None and (entry.deltas or entry.bias_deltas):
-            raise InputError(f"{entry.replacement.path}: tensor {name!r} is both replaced and LoRA-adapted")
     return found, targets
 
 
@@ -239,13 +241,12 @@ def _output_tensors(base: HFModel, found: dict[str, _Contributions], dtype: torc
     for name in names:
         ref = base.tensors.get(name)
         entry = found.get(name, _Contributions())
-        if entry.replacement is not None:
-            source = entry.replacement
-            outputs.append(OutputTensor(name, source, _output_dtype(source, dtype, ref), origin="adapter"))
-            continue
-        assert ref is not None
-        outputs.append(OutputTensor(name, ref, _output_dtype(ref, dtype), tuple(entry.deltas),
-                                    tuple(entry.bias_deltas), entry.magnitude))
+        # A replacement (modules_to_save, a trained bias, a saved embedding) becomes the tensor LoRA adds to.
+        source = entry.replacement or ref
+        assert source is not None
+        outputs.append(OutputTensor(name, source, _output_dtype(source, dtype, ref), tuple(entry.deltas),
+                                    tuple(entry.bias_deltas), entry.magnitude,
+                                    "base" if entry.replacement is None else "adapter"))
     return outputs
 
 
@@ -269,7 +270,7 @@ def _memory_plan(tensors: list[OutputTensor], budget: int, baseline: int) -> Mem
     per_element = in_item + out_item + fp32
     adapter_peak = max((sum(d.fp32_bytes for d in t.deltas) + (t.magnitude.numel * 8 if t.magnitude else 0)
                         for t in decoded), default=0)
-    min_elements = max(min(t.rows, MIN_BLOCK_ROWS) * t.row_elements for t in decoded)
+    min_elements = max(min(t.rows, 2 * MIN_BLOCK_ROWS) * t.row_elements for t in decoded)
     spare = budget - baseline - RESERVE_BYTES - adapter_peak
     elements = max(min_elements, min(MAX_BLOCK_ELEMENTS, spare // per_element))
     return MemoryPlan(budget, baseline, RESERVE_BYTES, adapter_peak, per_element, elements, min_elements)
