@@ -149,15 +149,16 @@ def write_hf_base(folder: Path, spec: ModelSpec, seed: int, shard_bytes: int) ->
         used += nbytes
     total = 0
     weight_map: dict[str, str] = {}
+    count = len(shards)
     for index, shard in enumerate(shards, start=1):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        fname = f"model-{index:05d}-of-{count:05d}.safetensors" if count > 1 else "model.safetensors"
         tensors = {name: _make_base_tensor(name, shape, seed) for name, shape in shard}
         save_file(tensors, str(folder / fname), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, fname))
         del tensors
         print(f"  wrote {fname}", flush=True)
-    if len(shards) > 1:
+    if count > 1:
         index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
 
@@ -320,7 +321,8 @@ def write_litgpt_base(folder: Path, spec: ModelSpec, hf_dir: Path, name: str) ->
         raise RuntimeError(f"unconverted HF tensors: {sorted(hf)[:5]}")
     torch.save(state, folder / "lit_model.pth")
     del state
-    (folder / "model_config.yaml").write_text(yaml.safe_dump(litgpt_model_config(spec, name), sort_keys=False))
+    config = yaml.safe_dump(litgpt_model_config(spec, name), sort_keys=False)
+    (folder / "model_config.yaml").write_text(config)
     write_tokenizer(folder)
 
 

@@ -44,7 +44,8 @@ def test_plain_lora_bf16_base_fp32_adapter(make_case: CaseFactory, tmp_path: Pat
     ours = merge(case, tmp_path / "out", max_shard_size="200KB")
     model, reference = peft_reference(case)
     assert_identical(ours, reference)
-    assert_adapter_changed(ours, case, ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"])
+    assert_adapter_changed(ours, case, ["model.layers.0.self_attn.q_proj.weight",
+                                        "model.layers.1.mlp.down_proj.weight"])
     assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1
 
     from transformers import AutoModelForCausalLM

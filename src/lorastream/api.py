@@ -117,8 +117,8 @@ def inspect(path: PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         adapter = read_peft_adapter(path)
-        refs = {**{f"{m}.lora_A": l.a for m, l in adapter.modules.items()},
-                **{f"{m}.lora_B": l.b for m, l in adapter.modules.items()}, **adapter.replacements}
+        refs = {**{f"{m}.lora_A": lora.a for m, lora in adapter.modules.items()},
+                **{f"{m}.lora_B": lora.b for m, lora in adapter.modules.items()}, **adapter.replacements}
         config = adapter.config
         return {"path": str(path), "format": "peft-lora", **_summarize_tensors(refs),
                 "r": config.get("r"), "lora_alpha": config.get("lora_alpha"),

@@ -72,7 +72,8 @@ def main() -> None:
 
 @main.command()
 @_with_job_options
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder (only once the new one is complete).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a non-empty output folder (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_reports_errors
 def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,

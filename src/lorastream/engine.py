@@ -18,7 +18,6 @@ import torch
 
 from .errors import InputError, ResourceError
 from .formats.safetensors import ShardWriter, TensorSpec
-from .formats.tensor_ref import TensorRef
 from .memory import format_size
 from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan
 
