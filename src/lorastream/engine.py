@@ -143,8 +143,9 @@ class _TensorMerger:
         """Rows [start, stop) of the source plus every delta, in float32."""
         source = self._read(start, stop)
         if self.t.is_replacement:
-            # PEFT loads a replacement into the model's parameter, in the model's dtype, before merging.
-            source = source.to(self.t.dtype)
+            # PEFT loads a replacement into the model's parameter, in the model's dtype, before merging;
+            # the output buffer is free until the block is encoded.
+            source = self.buf.output(self.t.dtype, source.shape).copy_(source)
         work = self.buf.work[: source.numel()].view(source.shape)
         work.copy_(source)
         for delta in deltas:

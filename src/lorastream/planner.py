@@ -27,7 +27,7 @@ CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 # be balanced with the block before it.
 MIN_BLOCK_ROWS = 16
 # Above this many elements per block, larger blocks stop paying off and only cost memory.
-MAX_BLOCK_ELEMENTS = 1 << 22
+MAX_BLOCK_ELEMENTS = 1 << 20
 # Headroom for Python objects, allocator slack and the progress display, on top of measured baseline RSS.
 RESERVE_BYTES = 48 << 20
 HEADER_ALLOWANCE = 1 << 20
@@ -267,7 +267,9 @@ def _memory_plan(tensors: list[OutputTensor], budget: int, baseline: int) -> Mem
     in_item = max(t.source.dtype.itemsize for t in decoded)
     out_item = max(t.dtype.itemsize for t in decoded)
     fp32 = 8 if any(t.needs_fp32 for t in decoded) else 0  # the float32 work block and the delta block
-    per_element = in_item + out_item + fp32
+    # DoRA on a transposed weight sums squares over row blocks in float64 (the square and its block).
+    column_norms = 16 if any(t.magnitude is not None and t.deltas[0].transposed for t in decoded) else 0
+    per_element = in_item + out_item + fp32 + column_norms
     adapter_peak = max((sum(d.fp32_bytes for d in t.deltas) + (t.magnitude.numel * 8 if t.magnitude else 0)
                         for t in decoded), default=0)
     min_elements = max(min(t.rows, 2 * MIN_BLOCK_ROWS) * t.row_elements for t in decoded)
