@@ -1,0 +1,63 @@
+"""The memory contract: a merge whose tensors exceed the budget runs in row blocks under `--max-memory`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Case, build_case, load_output, peft_reference, tiny_llama
+
+from lorastream.memory import parse_size
+
+BUDGET = "320MiB"
+
+
+@pytest.fixture(scope="module")
+def wide_case(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    """A Llama whose lm_head (64000 x 1024 bf16, 125 MiB) is larger than the budget's working space."""
+    model = tiny_llama(vocab_size=64000, hidden_size=1024, intermediate_size=256, num_hidden_layers=1,
+                       num_attention_heads=8, num_key_value_heads=8)
+    return build_case(tmp_path_factory.mktemp("wide"), model, torch.bfloat16, target_modules=["lm_head", "q_proj"],
+                      r=16, lora_alpha=32)
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lorastream", *map(str, args)], capture_output=True, text=True,
+                          check=False)
+
+
+def test_peak_rss_stays_within_budget(wide_case: Case, tmp_path: Path) -> None:
+    planned = json.loads(run_cli("plan", wide_case.base, wide_case.adapter, "-o", tmp_path / "out",
+                                 "--max-memory", BUDGET, "--json").stdout)
+    lm_head_bytes = 64000 * 1024 * 2
+    working = planned["budget"] - planned["baseline_rss"]
+    assert lm_head_bytes > working, "the test needs a tensor larger than the working budget"
+    assert planned["fits"]
+
+    done = run_cli("merge", wide_case.base, wide_case.adapter, "-o", tmp_path / "out", "--max-memory", BUDGET,
+                   "--json", "--quiet")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["peak_rss"] <= parse_size(BUDGET)
+    assert "Memory used: peak RSS" in done.stderr
+
+    ours = load_output(tmp_path / "out")
+    reference = peft_reference(wide_case)[1]
+    assert torch.equal(ours["lm_head.weight"], reference["lm_head.weight"])
+    assert torch.equal(ours["model.layers.0.self_attn.q_proj.weight"],
+                       reference["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_budget_below_minimum_is_refused_with_the_fitting_option(wide_case: Case, tmp_path: Path) -> None:
+    planned = json.loads(run_cli("plan", wide_case.base, wide_case.adapter, "-o", tmp_path / "out",
+                                 "--max-memory", BUDGET, "--json").stdout)
+    too_small = planned["minimum_budget"] - (8 << 20)
+    done = run_cli("merge", wide_case.base, wide_case.adapter, "-o", tmp_path / "out", "--max-memory", str(too_small))
+    assert done.returncode == 3
+    assert "--max-memory" in done.stderr and "MiB or more" in done.stderr
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
