@@ -87,6 +87,10 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
     """
     started = time.perf_counter()
     out_dir = Path(out).absolute()
+    inputs = [Path(base)] + [Path(a) for a in ([adapters] if isinstance(adapters, str | Path) else adapters)]
+    for path in inputs:
+        if path.exists() and out_dir.exists() and out_dir.samefile(path):
+            raise InputError(f"{out_dir}: the output folder is one of the inputs; choose another -o folder")
     check_destination(out_dir, overwrite)
     job = plan(base, adapters, out_dir, weights=weights, max_memory=max_memory, dtype=dtype,
                max_shard_size=max_shard_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -68,6 +69,12 @@ def _with_job_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(package_name="lorastream")
 def main() -> None:
     """Merge LoRA adapters into full models in bounded memory."""
+    # SIGTERM unwinds like Ctrl-C, so the staged output is removed and nothing half-written remains.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signum)
 
 
 @main.command()

@@ -94,6 +94,8 @@ def read_peft_adapter(folder: Path) -> Adapter:
             # modules_to_save, trained biases, or a saved base embedding: replacements of base tensors.
             replacements[name.replace(".base_layer.", ".")] = ref
     modules = {module: _lora_module(config_path, config, module, found) for module, found in parts.items()}
+    if not modules and not replacements:
+        raise InputError(f"{folder}: the adapter holds no LoRA tensors")
     return Adapter(str(folder), modules, replacements, config)
 
 
