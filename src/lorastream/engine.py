@@ -33,6 +33,7 @@ def row_blocks(rows: int, block_rows: int) -> Iterator[tuple[int, int]]:
     if rows <= block_rows:
         yield 0, rows
         return
+    assert block_rows >= 2 * MIN_BLOCK_ROWS, "the planner sizes blocks to at least 2 * MIN_BLOCK_ROWS rows"
     full, tail = divmod(rows, block_rows)
     stops = [block_rows * (i + 1) for i in range(full)]
     if tail:

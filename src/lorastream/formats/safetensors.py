@@ -66,9 +66,11 @@ def read_header(path: Path) -> SafetensorsFile:
             raw = f.read(header_len)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
+    if not raw.startswith(b"{"):
+        raise InputError(f"{path}: header is not a JSON object")
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise InputError(f"{path}: header is not a JSON object")
@@ -98,7 +100,7 @@ def _parse_entry(path: Path, name: str, info: object) -> tuple[str, int, int, to
     if dtype is None:
         raise InputError(f"{path}: tensor {name!r}: unsupported dtype {info['dtype']!r}")
     shape, offsets = info["shape"], info["data_offsets"]
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**63 for d in shape)):
         raise InputError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
         raise InputError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")

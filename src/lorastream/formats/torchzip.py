@@ -13,7 +13,6 @@ import struct
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +35,36 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-@dataclass(frozen=True)
-class _StorageType:
-    dtype: torch.dtype
+class _Sealed:
+    """Base of the objects the pickle may hold: a BUILD opcode cannot rewrite them after their checks."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: object) -> None:
+        raise InputError("the pickle tries to set the state of a tensor record; refusing it")
 
 
-@dataclass(frozen=True)
-class _Storage:
-    dtype: torch.dtype
-    path: Path
-    offset: int
-    numel: int
+class _StorageType(_Sealed):
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+class _Storage(_Sealed):
+    __slots__ = ("dtype", "numel", "offset", "path")
+
+    def __init__(self, dtype: torch.dtype, path: Path, offset: int, numel: int):
+        self.dtype, self.path, self.offset, self.numel = dtype, path, offset, numel
+
+
+class _Tensor(_Sealed):
+    """Where a pickled tensor's bytes are; turned into a `TensorRef` once the pickle is fully read."""
+
+    __slots__ = ("dtype", "offset", "path", "shape")
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], path: Path, offset: int):
+        self.dtype, self.shape, self.path, self.offset = dtype, shape, path, offset
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -57,19 +75,31 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _rebuild_tensor(storage: _Storage, storage_offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:
-    shape, stride = tuple(size), tuple(stride)
-    significant = [(s, d) for s, d in zip(stride, shape, strict=True) if d != 1]
+def _int_tuple(path: Path, what: str, values: Any) -> tuple[int, ...]:
+    if not isinstance(values, tuple | list) or not all(type(v) is int and 0 <= v < 2**63 for v in values):
+        raise InputError(f"{path}: a tensor's {what} {values!r:.80} is not a list of non-negative integers")
+    return tuple(values)
+
+
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_: Any) -> _Tensor:
+    if not isinstance(storage, _Storage):
+        raise InputError(f"the pickle rebuilds a tensor from {type(storage).__name__}, not a storage")
+    path = storage.path
+    shape, strides = _int_tuple(path, "shape", size), _int_tuple(path, "stride", stride)
+    (offset,) = _int_tuple(path, "storage offset", (storage_offset,))
+    significant = [(s, d) for s, d in zip(strides, shape, strict=True) if d != 1]
     expected = [(s, d) for s, d in zip(_contiguous_strides(shape), shape, strict=True) if d != 1]
     if significant != expected:
-        raise InputError(f"{storage.path}: a tensor of shape {list(shape)} is stored non-contiguously "
-                         f"(stride {list(stride)}); re-save it with .contiguous()")
-    if storage_offset + math.prod(shape) > storage.numel:
-        raise InputError(f"{storage.path}: a tensor of shape {list(shape)} runs past the end of its storage")
-    return TensorRef("", storage.dtype, shape, storage.path, storage.offset + storage_offset * storage.dtype.itemsize)
+        raise InputError(f"{path}: a tensor of shape {list(shape)} is stored non-contiguously "
+                         f"(stride {list(strides)}); re-save it with .contiguous()")
+    if offset + math.prod(shape) > storage.numel:
+        raise InputError(f"{path}: a tensor of shape {list(shape)} runs past the end of its storage")
+    return _Tensor(storage.dtype, shape, path, storage.offset + offset * storage.dtype.itemsize)
 
 
-def _rebuild_parameter(data: TensorRef, *_: Any) -> TensorRef:
+def _rebuild_parameter(data: Any, *_: Any) -> _Tensor:
+    if not isinstance(data, _Tensor):
+        raise InputError(f"the pickle rebuilds a parameter from {type(data).__name__}, not a tensor")
     return data
 
 
@@ -104,16 +134,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
             info = self._archive.getinfo(entry)
         except KeyError:
             raise InputError(f"{self._path}: storage {entry!r} named by the pickle is missing") from None
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise InputError(f"{self._path}: storage {entry!r} is compressed; torch.save never does that")
-        if not isinstance(numel, int) or numel * storage_type.dtype.itemsize > info.file_size:
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+            raise InputError(f"{self._path}: storage {entry!r} is compressed or encrypted; torch.save never does that")
+        if type(numel) is not int or numel < 0 or numel * storage_type.dtype.itemsize > info.file_size:
             raise InputError(f"{self._path}: storage {entry!r} holds {info.file_size} bytes, "
                              f"fewer than its {numel} elements need")
         return _Storage(storage_type.dtype, self._path, _data_offset(self._archive, info, self._path), numel)
 
 
 def _data_offset(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> int:
-    """Absolute file offset of an uncompressed member's bytes (after its local file header)."""
+    """Absolute file offset of an uncompressed member's bytes, checked against its local file header."""
     fp = archive.fp
     assert fp is not None
     fp.seek(info.header_offset)
@@ -121,7 +151,12 @@ def _data_offset(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) ->
     if len(local) != 30 or local[:4] != b"PK\x03\x04":
         raise InputError(f"{path}: corrupt zip entry {info.filename!r}")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+    if fp.read(name_len) != info.filename.encode():
+        raise InputError(f"{path}: zip entry {info.filename!r} does not match its local header")
+    offset = info.header_offset + 30 + name_len + extra_len
+    if offset + info.file_size > path.stat().st_size:
+        raise InputError(f"{path}: zip entry {info.filename!r} runs past the end of the file (truncated?)")
+    return offset
 
 
 def load_structure(path: Path) -> Any:
@@ -132,11 +167,14 @@ def load_structure(path: Path) -> Any:
             if len(pickles) != 1:
                 raise InputError(f"{path}: not a torch zip checkpoint (expected one <name>/data.pkl)")
             prefix = pickles[0].split("/")[0]
+            if f"{prefix}/byteorder" in archive.namelist() and archive.read(f"{prefix}/byteorder") != b"little":
+                raise InputError(f"{path}: tensors are stored big-endian; only little-endian checkpoints are supported")
             with archive.open(pickles[0]) as f:
                 return _RestrictedUnpickler(f, archive, prefix, path).load()
     except zipfile.BadZipFile as exc:
         raise InputError(f"{path}: not a zip archive ({exc}); legacy torch.save files are not supported") from exc
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            NotImplementedError, RuntimeError, RecursionError, MemoryError) as exc:
         raise InputError(f"{path}: corrupt pickle ({exc})") from exc
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
@@ -151,7 +189,7 @@ def read_state_dict(path: Path) -> dict[str, TensorRef]:
         raise InputError(f"{path}: expected a dict of tensors, found {type(structure).__name__}")
     refs: dict[str, TensorRef] = {}
     for name, value in structure.items():
-        if not isinstance(value, TensorRef):
+        if not isinstance(value, _Tensor):
             raise InputError(f"{path}: entry {name!r} is not a tensor")
         refs[str(name)] = TensorRef(str(name), value.dtype, value.shape, value.path, value.offset)
     return refs
