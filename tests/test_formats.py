@@ -97,20 +97,22 @@ def test_read_returns_stored_values(sample_file: Path) -> None:
         assert same(parsed.tensors[name].read(), tensor), name
 
 
-def test_read_rows_into_reused_buffer(sample_file: Path) -> None:
-    """Row ranges of a 3-D and a 2-D tensor read into one reused buffer; a 1-D tensor is one row."""
+def test_read_rows_reused_buffer(sample_file: Path) -> None:
+    """Row ranges of a 3-D and a 2-D tensor read into one reused buffer, flattened to [rows, row_elements];
+    a 1-D tensor is one row."""
     parsed = read_header(sample_file)
     expected = sample_tensors()
     buffer = memoryview(bytearray(1024))
     cube = parsed.tensors["f32.3d"]
     assert cube.rows == 5
     for start, stop in [(0, 2), (2, 5), (1, 4), (3, 3)]:
-        assert same(cube.read_rows_into(start, stop, buffer).clone(), expected["f32.3d"][start:stop])
+        rows = expected["f32.3d"][start:stop]
+        assert same(cube.read_rows(start, stop, buffer).clone(), rows.reshape(stop - start, cube.row_elements))
     bf16 = parsed.tensors["bf16"]
-    assert same(bf16.read_rows_into(4, 6, buffer).clone(), expected["bf16"][4:6])
+    assert same(bf16.read_rows(4, 6, buffer).clone(), expected["bf16"][4:6].reshape(2, -1))
     vector = parsed.tensors["i64"]
     assert vector.rows == 1
-    assert same(vector.read_rows_into(0, 1, buffer).clone(), expected["i64"])
+    assert same(vector.read_rows(0, 1, buffer).clone(), expected["i64"].reshape(1, -1))
 
 
 # --- safetensors: writing ----------------------------------------------------------------------------------------
@@ -763,22 +765,23 @@ def test_folder_without_weights_or_config(tmp_path: Path) -> None:
 # --- row blocks --------------------------------------------------------------------------------------------------
 
 @settings(max_examples=400, deadline=None, derandomize=True, database=None)
-@given(rows=st.integers(0, 5000), block_rows=st.integers(1, 3000))
-def test_row_blocks_partition(rows: int, block_rows: int) -> None:
-    """Contiguous blocks covering [0, rows) exactly, none over the limit, none short unless alone.
+@given(rows=st.integers(0, 5000), block_rows=st.integers(1, 3000), align=st.sampled_from([1, 2, 4, 8, 32, 64]))
+def test_row_blocks_partition(rows: int, block_rows: int, align: int) -> None:
+    """Contiguous blocks covering [0, rows) exactly, aligned, none over the limit, none short unless alone.
 
     `row_blocks` requires what the planner guarantees: a tensor split into blocks gets at least
-    2 * MIN_BLOCK_ROWS rows per block, so a short tail can be balanced with the block before it.
+    2 * (MIN_BLOCK_ROWS + align) rows per block, so a short tail can borrow from the block before it.
     """
     if rows > block_rows:
-        block_rows = max(block_rows, 2 * MIN_BLOCK_ROWS)
-    blocks = list(row_blocks(rows, block_rows))
+        block_rows = max(block_rows, 2 * (MIN_BLOCK_ROWS + align))
+    blocks = list(row_blocks(rows, block_rows, align))
     assert blocks, "at least one block, even for zero rows"
     assert blocks[0][0] == 0 and blocks[-1][1] == rows
     for (_, stop), (start, _) in itertools.pairwise(blocks):
         assert stop == start
     for start, stop in blocks:
-        assert stop - start <= max(block_rows, 2 * MIN_BLOCK_ROWS)
+        assert stop - start <= block_rows
+        assert start % align == 0
         if len(blocks) > 1:
             assert stop - start >= MIN_BLOCK_ROWS, blocks
     if rows <= block_rows:
@@ -795,7 +798,7 @@ def fake_ref(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.bfloa
 def test_planner_blocks_meet_row_blocks_requirement(shapes: list[tuple[int, int]], rank: int, slack: int) -> None:
     """At any budget the plan accepts, every merged tensor is one block or gets >= 2*MIN_BLOCK_ROWS rows."""
     tensors = {f"layer{i}.weight": fake_ref(f"layer{i}.weight", shape) for i, shape in enumerate(shapes)}
-    base = HFModel(Path("/base"), {"model_type": "llama"}, tensors, "safetensors", (), ())
+    base = HFModel(Path("/base"), {"model_type": "llama"}, tensors, dict(tensors), "safetensors", (), ())
     modules = {f"layer{i}": LoraModule(f"layer{i}", fake_ref("a", (rank, cols), torch.float32),
                                        fake_ref("b", (rows, rank), torch.float32), 2.0)
                for i, (rows, cols) in enumerate(shapes)}
@@ -808,6 +811,6 @@ def test_planner_blocks_meet_row_blocks_requirement(shapes: list[tuple[int, int]
     assert job.memory.fits
     for rows, cols in shapes:
         block_rows = job.memory.block_elements // cols
-        assert rows <= block_rows or block_rows >= 2 * MIN_BLOCK_ROWS, (rows, cols, block_rows)
+        assert rows <= block_rows or block_rows >= 2 * (MIN_BLOCK_ROWS + 1), (rows, cols, block_rows)
         for start, stop in row_blocks(rows, max(1, block_rows)):
             assert (stop - start) * cols <= job.memory.block_elements, "a row block overflows the buffers"

@@ -8,6 +8,7 @@ shard being written. Tensors that pass through unchanged are copied inside the k
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ import torch
 
 from .errors import InputError, ResourceError
 from .formats.safetensors import ShardWriter, TensorSpec
+from .formats.tensor_ref import TensorRef
 from .memory import format_size
 from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan
 
@@ -26,20 +28,23 @@ Progress = Callable[[int], None]
 COPY_CHUNK = 1 << 20
 
 
-def row_blocks(rows: int, block_rows: int) -> Iterator[tuple[int, int]]:
-    """Split [0, rows) into blocks of at most `block_rows` rows and, unless the tensor is one block, at least
-    MIN_BLOCK_ROWS rows: a short tail is balanced with the block before it. The planner guarantees
-    `block_rows >= 2 * MIN_BLOCK_ROWS` whenever a tensor has more rows than that."""
+def row_blocks(rows: int, block_rows: int, align: int = 1) -> Iterator[tuple[int, int]]:
+    """Split [0, rows) into blocks of at most `block_rows` rows, each starting at a multiple of `align` and,
+    unless the tensor is one block, at least MIN_BLOCK_ROWS rows long (a short tail borrows rows from the
+    block before it). The planner guarantees `block_rows >= 2 * (MIN_BLOCK_ROWS + align)` whenever a tensor
+    has more rows than that."""
     if rows <= block_rows:
         yield 0, rows
         return
-    assert block_rows >= 2 * MIN_BLOCK_ROWS, "the planner sizes blocks to at least 2 * MIN_BLOCK_ROWS rows"
+    block_rows -= block_rows % align
+    assert block_rows >= 2 * MIN_BLOCK_ROWS + align, "the planner sizes blocks above 2 * MIN_BLOCK_ROWS + align"
     full, tail = divmod(rows, block_rows)
     stops = [block_rows * (i + 1) for i in range(full)]
     if tail:
         stops.append(rows)
         if tail < MIN_BLOCK_ROWS:
-            stops[-2] = rows - (block_rows + tail) // 2
+            cut = rows - MIN_BLOCK_ROWS
+            stops[-2] = cut - cut % align
     start = 0
     for stop in stops:
         yield start, stop
@@ -53,7 +58,8 @@ class _Buffers:
         elements = plan.memory.block_elements
         decoded = [t for t in plan.tensors if not t.is_copy] or list(plan.tensors)
         self.elements = elements
-        self.raw_in = bytearray(max(COPY_CHUNK, elements * max(t.source.dtype.itemsize for t in decoded)))
+        stored = max(math.ceil(t.source.stored_bytes / max(1, t.source.numel)) for t in decoded)
+        self.raw_in = bytearray(max(COPY_CHUNK, elements * stored))
         self.raw_out = bytearray(elements * max(t.dtype.itemsize for t in decoded))
         needs_fp32 = any(t.needs_fp32 for t in decoded)
         self.work = torch.empty(elements if needs_fp32 else 0, dtype=torch.float32)
@@ -104,7 +110,7 @@ class _TensorMerger:
         column_factors = None
         if magnitude is not None and deltas[0].transposed:
             column_factors = (magnitude / self._column_norms(deltas)).view(1, -1)
-        for start, stop in row_blocks(self.t.rows, self.block_rows):
+        for start, stop in self._blocks():
             shape = (stop - start, self.cols)
             out = self.buf.output(self.t.dtype, shape)
             if self.t.needs_fp32:
@@ -120,9 +126,13 @@ class _TensorMerger:
             self.writer.write(memoryview(self.buf.raw_out)[:nbytes])
             self.progress(nbytes)
 
+    def _blocks(self) -> Iterator[tuple[int, int]]:
+        return row_blocks(self.t.rows, self.block_rows, self.t.source.row_alignment)
+
     def _copy(self) -> None:
         """Unchanged bytes: copied inside the kernel, else through the input buffer in chunks."""
         src = self.t.source
+        assert isinstance(src, TensorRef)
         fd = os.open(src.path, os.O_RDONLY)
         try:
             if not self.writer.copy_from(fd, src.offset, src.nbytes):
@@ -137,8 +147,7 @@ class _TensorMerger:
         self.progress(src.nbytes)
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
-        rows = self.t.source.read_rows_into(start, stop, memoryview(self.buf.raw_in))
-        return rows.reshape(stop - start, self.cols)
+        return self.t.source.read_rows(start, stop, memoryview(self.buf.raw_in))
 
     def _decode(self, start: int, stop: int, deltas: list[_LoadedDelta]) -> torch.Tensor:
         """Rows [start, stop) of the source plus every delta, in float32."""
@@ -161,7 +170,7 @@ class _TensorMerger:
         A tensor that fits one block gets PEFT's exact `linalg.norm`; larger ones accumulate squares in
         float64 over a first pass (within float32 rounding of PEFT's value).
         """
-        blocks = list(row_blocks(self.t.rows, self.block_rows))
+        blocks = list(self._blocks())
         if len(blocks) == 1:
             return torch.linalg.norm(self._decode(0, self.t.rows, deltas).T, dim=1)
         squares = torch.zeros(self.cols, dtype=torch.float64)

@@ -14,6 +14,7 @@ import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 
 from .adapters.lora import Adapter, LoraModule
+from .codecs import Source
 from .errors import InputError
 from .formats.hf import HFModel
 from .formats.tensor_ref import TensorRef
@@ -57,7 +58,7 @@ class OutputTensor:
     """One tensor of the output and how to compute it from its sources."""
 
     name: str
-    source: TensorRef
+    source: Source
     dtype: torch.dtype
     deltas: tuple[Delta, ...] = ()
     bias_deltas: tuple[tuple[TensorRef, float], ...] = ()
@@ -82,12 +83,17 @@ class OutputTensor:
 
     @property
     def row_elements(self) -> int:
-        return self.source.numel // self.rows if self.rows else 0
+        return self.source.row_elements
 
     @property
     def is_copy(self) -> bool:
-        """True when the output bytes equal the source bytes, so they can be copied without decoding."""
-        return not self.needs_fp32 and self.dtype == self.source.dtype
+        """True when the output bytes equal the stored bytes, so they can be copied without decoding."""
+        return not self.needs_fp32 and isinstance(self.source, TensorRef) and self.dtype == self.source.dtype
+
+    @property
+    def min_block_rows(self) -> int:
+        """The smallest row block this tensor can be split into (aligned, balanced tail)."""
+        return min(self.rows, 2 * (MIN_BLOCK_ROWS + self.source.row_alignment))
 
     @property
     def needs_fp32(self) -> bool:
@@ -154,10 +160,10 @@ def _base_name(base: HFModel, module_path: str, leaf: str) -> str | None:
     candidates = [f"{module_path}.{leaf}"]
     if "." in module_path:
         candidates.append(f"{module_path.split('.', 1)[1]}.{leaf}")
-    return next((c for c in candidates if c in base.tensors), None)
+    return next((c for c in candidates if c in base.sources), None)
 
 
-def _is_transposed(base: HFModel, lora: LoraModule, weight: TensorRef) -> bool:
+def _is_transposed(base: HFModel, lora: LoraModule, weight: Source) -> bool:
     """Whether the base stores this module's weight as the transpose of `B @ A` (embeddings, GPT-2 Conv1D)."""
     out_features, in_features = lora.update_shape
     if len(weight.shape) != 2:
@@ -196,7 +202,7 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...]) -> tupl
             if name is None:
                 raise InputError(f"{lora.a.path}: module {module!r} has no weight in the base model "
                                  f"{base.path} (an adapter for another model, or tied weights?)")
-            ref = base.tensors[name]
+            ref = base.sources[name]
             entry = found.setdefault(name, _Contributions())
             entry.deltas.append(Delta(lora, weight, _is_transposed(base, lora, ref)))
             targets.setdefault(name, []).append(f"{adapter.source}:{module}")
@@ -214,7 +220,7 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...]) -> tupl
                 if bias_name is None:
                     raise InputError(f"{lora.bias.path}: module {module!r}: lora_bias needs a bias in the base "
                                      "layer, and the base has none")
-                if base.tensors[bias_name].shape != lora.bias.shape:
+                if base.sources[bias_name].shape != lora.bias.shape:
                     raise InputError(f"{lora.bias.path}: module {module!r}: lora_B.bias of shape "
                                      f"{list(lora.bias.shape)} does not fit {bias_name!r}")
                 found.setdefault(bias_name, _Contributions()).bias_deltas.append((lora.bias, lora.scale * weight))
@@ -229,17 +235,18 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...]) -> tupl
     return found, targets
 
 
-def _output_dtype(ref: TensorRef, dtype: torch.dtype | None, like: TensorRef | None = None) -> torch.dtype:
-    if not ref.dtype.is_floating_point:
-        return ref.dtype
-    return dtype or (like.dtype if like is not None else ref.dtype)
+def _output_dtype(source: Source, dtype: torch.dtype | None, like: Source | None = None) -> torch.dtype:
+    """`--dtype` for floating tensors, else the dtype the base tensor has dense (a replacement takes its base's)."""
+    if not source.dtype.is_floating_point:
+        return source.dtype
+    return dtype or (like or source).dense_dtype
 
 
 def _output_tensors(base: HFModel, found: dict[str, _Contributions], dtype: torch.dtype | None) -> list[OutputTensor]:
     outputs: list[OutputTensor] = []
-    names = list(base.tensors) + [n for n in found if n not in base.tensors]
+    names = list(base.sources) + [n for n in found if n not in base.sources]
     for name in names:
-        ref = base.tensors.get(name)
+        ref = base.sources.get(name)
         entry = found.get(name, _Contributions())
         # A replacement (modules_to_save, a trained bias, a saved embedding) becomes the tensor LoRA adds to.
         source = entry.replacement or ref
@@ -264,7 +271,7 @@ def _memory_plan(tensors: list[OutputTensor], budget: int, baseline: int) -> Mem
     decoded = [t for t in tensors if not t.is_copy]
     if not decoded:
         return MemoryPlan(budget, baseline, RESERVE_BYTES, 0, 0, 0, 0)
-    in_item = max(t.source.dtype.itemsize for t in decoded)
+    in_item = max(t.source.decode_bytes_per_element for t in decoded)
     out_item = max(t.dtype.itemsize for t in decoded)
     fp32 = 8 if any(t.needs_fp32 for t in decoded) else 0  # the float32 work block and the delta block
     # DoRA on a transposed weight sums squares over row blocks in float64 (the square and its block).
@@ -272,7 +279,7 @@ def _memory_plan(tensors: list[OutputTensor], budget: int, baseline: int) -> Mem
     per_element = in_item + out_item + fp32 + column_norms
     adapter_peak = max((sum(d.fp32_bytes for d in t.deltas) + (t.magnitude.numel * 8 if t.magnitude else 0)
                         for t in decoded), default=0)
-    min_elements = max(min(t.rows, 2 * MIN_BLOCK_ROWS) * t.row_elements for t in decoded)
+    min_elements = max(t.min_block_rows * t.row_elements for t in decoded)
     spare = budget - baseline - RESERVE_BYTES - adapter_peak
     elements = max(min_elements, min(MAX_BLOCK_ELEMENTS, spare // per_element))
     return MemoryPlan(budget, baseline, RESERVE_BYTES, adapter_peak, per_element, elements, min_elements)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..codecs import Source, group_sources
 from ..errors import InputError
 from .safetensors import read_header
 from .tensor_ref import TensorRef
@@ -30,21 +31,10 @@ class HFModel:
     path: Path
     config: dict[str, Any]
     tensors: dict[str, TensorRef]
+    sources: dict[str, Source]
     weight_format: str
     weight_files: tuple[Path, ...]
     companion_files: tuple[Path, ...]
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        """The model's declared dtype, else the most common floating dtype among its tensors."""
-        declared = self.config.get("dtype") or self.config.get("torch_dtype")
-        if declared in _CONFIG_DTYPES:
-            return _CONFIG_DTYPES[declared]
-        counts: dict[torch.dtype, int] = {}
-        for ref in self.tensors.values():
-            if ref.dtype.is_floating_point:
-                counts[ref.dtype] = counts.get(ref.dtype, 0) + ref.numel
-        return max(counts, key=counts.__getitem__) if counts else None
 
     @property
     def model_type(self) -> str:
@@ -109,4 +99,5 @@ def open_hf_model(folder: Path) -> HFModel:
             tensors[name] = ref
     companions = tuple(sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                               and p.name != "config.json" and not p.name.endswith(WEIGHT_SUFFIXES)))
-    return HFModel(folder, config, tensors, fmt, tuple(files), companions)
+    dense = _CONFIG_DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float16", torch.float16)
+    return HFModel(folder, config, tensors, group_sources(tensors, dense), fmt, tuple(files), companions)

@@ -43,25 +43,49 @@ class TensorRef:
     def row_bytes(self) -> int:
         return self.nbytes // self.rows if self.rows else 0
 
-    def read_rows_into(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor:
-        """Read rows [start, stop) into `buffer` (bytes) and return them as a tensor viewing it."""
-        count = (stop - start) * self.row_bytes
-        view = buffer[:count]
+    @property
+    def row_elements(self) -> int:
+        return self.numel // self.rows if self.rows else 0
+
+    # What the engine asks of every source (see codecs.Source): a plain tensor decodes to itself.
+    row_alignment = 1
+
+    @property
+    def dense_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    @property
+    def decode_bytes_per_element(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.nbytes
+
+    def read_elements_into(self, first: int, count: int, buffer: memoryview) -> torch.Tensor:
+        """Read the flat elements [first, first + count) into `buffer`; a 1-D tensor viewing it."""
+        itemsize = self.dtype.itemsize
+        nbytes = count * itemsize
+        view = buffer[:nbytes]
         fd = os.open(self.path, os.O_RDONLY)
         try:
             done = 0
-            while done < count:
-                got = os.preadv(fd, [view[done:]], self.offset + start * self.row_bytes + done)
+            while done < nbytes:
+                got = os.preadv(fd, [view[done:]], self.offset + first * itemsize + done)
                 if got == 0:
                     raise InputError(f"{self.path}: tensor {self.name!r} ends past the end of the file (truncated?)")
                 done += got
         finally:
             os.close(fd)
-        shape = (stop - start, *self.shape[1:]) if len(self.shape) > 1 else self.shape
         if count == 0:
-            return torch.empty(shape, dtype=self.dtype)
-        return torch.frombuffer(view, dtype=self.dtype, count=count // self.dtype.itemsize).view(shape)
+            return torch.empty(0, dtype=self.dtype)
+        return torch.frombuffer(view, dtype=self.dtype, count=count)
+
+    def read_rows(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor:
+        """Rows [start, stop) as a [rows, row_elements] tensor viewing `buffer`."""
+        cols = self.row_elements
+        return self.read_elements_into(start * cols, (stop - start) * cols, buffer).view(stop - start, cols)
 
     def read(self) -> torch.Tensor:
-        """Read the whole tensor into fresh memory (for small adapter tensors only)."""
-        return self.read_rows_into(0, self.rows, memoryview(bytearray(self.nbytes))).clone()
+        """Read the whole tensor into fresh memory (for small tensors: adapters, statistics)."""
+        return self.read_elements_into(0, self.numel, memoryview(bytearray(self.nbytes))).view(self.shape)

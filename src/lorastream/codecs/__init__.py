@@ -1,0 +1,79 @@
+"""How a tensor is stored: plain dtypes (a `TensorRef` is its own source) and bitsandbytes NF4/FP4 and int8.
+
+A source is anything the engine can read rows of, decoded:
+
+- `name`, `path`, `shape`, `dtype` (of decoded values), `dense_dtype` (of the tensor written dense by default),
+  `rows`, `row_elements`, `numel`, `stored_bytes`;
+- `row_alignment`: row blocks must start at multiples of it (quantization blocks are flat);
+- `decode_bytes_per_element`: memory a decoded block needs per element, temporaries included;
+- `read_rows(start, stop, buffer) -> Tensor[stop - start, row_elements]` in `dtype`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..formats.tensor_ref import TensorRef
+from .bnb4 import QUANT_STATE_PREFIX, SIDECARS, bnb4_source
+from .int8 import int8_source
+
+
+class Source(Protocol):
+    name: str
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def dense_dtype(self) -> torch.dtype: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def row_elements(self) -> int: ...
+
+    @property
+    def numel(self) -> int: ...
+
+    @property
+    def stored_bytes(self) -> int: ...
+
+    @property
+    def row_alignment(self) -> int: ...
+
+    @property
+    def decode_bytes_per_element(self) -> int: ...
+
+    def read_rows(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor: ...
+
+
+def group_sources(tensors: dict[str, TensorRef], int8_dtype: torch.dtype) -> dict[str, Source]:
+    """The logical tensors of a checkpoint: quantized weights with their sidecars become one source each.
+
+    `int8_dtype` is the dtype an int8 weight is written in when dense (the model's dtype).
+    """
+    sources: dict[str, Source] = dict(tensors)
+    for name, ref in tensors.items():
+        for quant_type in ("nf4", "fp4"):
+            suffix = f".{QUANT_STATE_PREFIX}{quant_type}"
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                sources[f"{module}.weight"] = bnb4_source(module, tensors, ref)
+                for sidecar in (*SIDECARS, name.removeprefix(f"{module}.")):
+                    sources.pop(f"{module}.{sidecar}", None)
+        if name.endswith(".SCB") and f"{name[:-4]}.weight" in tensors:
+            module = name[:-4]
+            sources[f"{module}.weight"] = int8_source(module, tensors, int8_dtype)
+            sources.pop(name)
+            sources.pop(f"{module}.weight_format", None)
+    return sources

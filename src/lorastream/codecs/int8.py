@@ -1,0 +1,83 @@
+"""bitsandbytes LLM.int8 weights as Hugging Face serializes them: int8 rows with a per-row scale (SCB).
+
+Decoding follows bitsandbytes' `int8_vectorwise_dequant`: `w = int8 * SCB[row] * (1/127)` in float32
+(a multiplication by the float32 reciprocal, as bitsandbytes and PEFT compute it, not a division).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..formats.tensor_ref import TensorRef
+
+INV_127 = 7.874015718698502e-3
+
+
+@dataclass(frozen=True)
+class Int8Source:
+    """An int8 weight [out, in] and its per-row absmax `SCB` [out], row-major."""
+
+    name: str
+    weight: TensorRef
+    scb: TensorRef
+    dense_dtype: torch.dtype
+    dtype = torch.float32
+
+    @property
+    def path(self) -> Path:
+        return self.weight.path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.weight.shape
+
+    @property
+    def numel(self) -> int:
+        return self.weight.numel
+
+    @property
+    def rows(self) -> int:
+        return self.weight.rows
+
+    @property
+    def row_elements(self) -> int:
+        return self.weight.row_elements
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.weight.nbytes + self.scb.nbytes
+
+    row_alignment = 1
+    # int8 rows (1), their float32 copy (4), the scaled float32 result (4), the cast (up to 4)
+    decode_bytes_per_element = 13
+
+    @cached_property
+    def _scb(self) -> torch.Tensor:
+        return self.scb.read().float()
+
+    def read_rows(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor:
+        rows = self.weight.read_rows(start, stop, buffer).float()
+        return rows * self._scb[start:stop].view(-1, 1) * INV_127
+
+
+def int8_source(module: str, tensors: dict[str, TensorRef], dense_dtype: torch.dtype) -> Int8Source:
+    weight, scb = tensors[f"{module}.weight"], tensors.get(f"{module}.SCB")
+    where = f"{weight.path}: {module}.weight"
+    if scb is None:
+        raise InputError(f"{where}: an int8 weight needs {module}.SCB, which is missing")
+    fmt = tensors.get(f"{module}.weight_format")
+    if fmt is not None and fmt.read().reshape(-1).tolist() not in ([0], []):
+        raise InputError(f"{where}: weight_format {fmt.read().tolist()} is a tiled layout; only row-major (0) is "
+                         "supported")
+    if len(weight.shape) != 2 or scb.shape != (weight.shape[0],) or weight.dtype != torch.int8:
+        raise InputError(f"{where}: expected int8 [out, in] with SCB [out], found {weight.dtype} "
+                         f"{list(weight.shape)} and SCB {list(scb.shape)}")
+    if math.prod(weight.shape) == 0:
+        raise InputError(f"{where}: empty int8 weight")
+    return Int8Source(f"{module}.weight", weight, scb, dense_dtype)
