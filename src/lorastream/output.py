@@ -67,6 +67,7 @@ def write_companions(plan: Plan, folder: Path, record: dict[str, Any]) -> None:
                  "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors}}
         (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config = dict(plan.base.config)
+    config.pop("quantization_config", None)  # the output is dense
     if plan.dtype is not None:
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
