@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,14 +60,79 @@ class _Buffers:
         decoded = [t for t in plan.tensors if not t.is_copy] or list(plan.tensors)
         self.elements = elements
         stored = max(math.ceil(t.source.stored_bytes / max(1, t.source.numel)) for t in decoded)
-        self.raw_in = bytearray(max(COPY_CHUNK, elements * stored))
-        self.raw_out = bytearray(elements * max(t.dtype.itemsize for t in decoded))
+        self.raw_in = bytearray(elements * stored)
+        self.out_bytes = elements * max(t.dtype.itemsize for t in decoded)
         needs_fp32 = any(t.needs_fp32 for t in decoded)
         self.work = torch.empty(elements if needs_fp32 else 0, dtype=torch.float32)
         self.delta = torch.empty(elements if needs_fp32 else 0, dtype=torch.float32)
 
-    def output(self, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
-        return torch.frombuffer(self.raw_out, dtype=dtype, count=shape[0] * shape[1]).view(shape)
+
+
+def _view(buffer: bytearray, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+    return torch.frombuffer(buffer, dtype=dtype, count=shape[0] * shape[1]).view(shape)
+
+
+class _WriteBehind:
+    """Appends to the shard on a background thread while the next block is computed.
+
+    Two output buffers alternate; a buffer is handed out again only once its previous write is done, so
+    exactly two output blocks are ever in flight (the planner budgets both). Tasks run in submission
+    order on one thread, so the file is written sequentially.
+    """
+
+    def __init__(self, out_bytes: int):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-writer")
+        self._buffers = [bytearray(out_bytes), bytearray(out_bytes)]
+        self._pending: list[Future[None] | None] = [None, None]
+        self._turn = 0
+        self._copy_chunk = bytearray(COPY_CHUNK)
+        self._outstanding: list[Future[None]] = []
+
+    def next_buffer(self) -> bytearray:
+        pending = self._pending[self._turn]
+        if pending is not None:
+            pending.result()
+        return self._buffers[self._turn]
+
+    def write(self, writer: ShardWriter, nbytes: int) -> None:
+        """Write the first `nbytes` of the buffer `next_buffer` returned."""
+        future = self._submit(writer.write, memoryview(self._buffers[self._turn])[:nbytes])
+        self._pending[self._turn] = future
+        self._turn ^= 1
+
+    def copy(self, writer: ShardWriter, src: TensorRef) -> None:
+        """Append an unchanged tensor: inside the kernel, else through a chunk buffer of this thread's own."""
+        self._submit(self._copy, writer, src)
+
+    def _copy(self, writer: ShardWriter, src: TensorRef) -> None:
+        fd = os.open(src.path, os.O_RDONLY)
+        try:
+            if writer.copy_from(fd, src.offset, src.nbytes):
+                return
+            chunk = memoryview(self._copy_chunk)
+            for start in range(0, src.nbytes, len(chunk)):
+                count = min(len(chunk), src.nbytes - start)
+                if os.preadv(fd, [chunk[:count]], src.offset + start) != count:
+                    raise InputError(f"{src.path}: tensor {src.name!r} ends past the end of the file")
+                writer.write(chunk[:count])
+        finally:
+            os.close(fd)
+
+    def _submit(self, fn: Callable[..., None], *args: object) -> Future[None]:
+        self._outstanding = [f for f in self._outstanding if not f.done() or f.exception() is not None]
+        future = self._pool.submit(fn, *args)
+        self._outstanding.append(future)
+        return future
+
+    def drain(self) -> None:
+        """Wait for every submitted write; raise the first failure."""
+        outstanding, self._outstanding = self._outstanding, []
+        self._pending = [None, None]
+        for future in outstanding:
+            future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -94,8 +160,9 @@ class _LoadedDelta:
 class _TensorMerger:
     """Computes one output tensor block by block and streams its bytes to a shard writer."""
 
-    def __init__(self, tensor: OutputTensor, buffers: _Buffers, writer: ShardWriter, progress: Progress):
-        self.t, self.buf, self.writer, self.progress = tensor, buffers, writer, progress
+    def __init__(self, tensor: OutputTensor, buffers: _Buffers, out: _WriteBehind, writer: ShardWriter,
+                 progress: Progress):
+        self.t, self.buf, self.out, self.writer, self.progress = tensor, buffers, out, writer, progress
         self.cols = tensor.row_elements
         self.block_rows = max(1, buffers.elements // max(1, self.cols))
 
@@ -103,7 +170,9 @@ class _TensorMerger:
         if self.t.source.numel == 0:
             return
         if self.t.is_copy:
-            self._copy()
+            assert isinstance(self.t.source, TensorRef)
+            self.out.copy(self.writer, self.t.source)
+            self.progress(self.t.source.nbytes)
             return
         deltas = [_LoadedDelta.load(d) for d in self.t.deltas]
         magnitude = self.t.magnitude.read().float() if self.t.magnitude is not None else None
@@ -112,7 +181,7 @@ class _TensorMerger:
             column_factors = (magnitude / self._column_norms(deltas)).view(1, -1)
         for start, stop in self._blocks():
             shape = (stop - start, self.cols)
-            out = self.buf.output(self.t.dtype, shape)
+            out = _view(self.out.next_buffer(), self.t.dtype, shape)
             if self.t.needs_fp32:
                 work = self._decode(start, stop, deltas)
                 if column_factors is not None:
@@ -123,28 +192,11 @@ class _TensorMerger:
             else:
                 out.copy_(self._read(start, stop))
             nbytes = shape[0] * shape[1] * self.t.dtype.itemsize
-            self.writer.write(memoryview(self.buf.raw_out)[:nbytes])
+            self.out.write(self.writer, nbytes)
             self.progress(nbytes)
 
     def _blocks(self) -> Iterator[tuple[int, int]]:
         return row_blocks(self.t.rows, self.block_rows, self.t.source.row_alignment)
-
-    def _copy(self) -> None:
-        """Unchanged bytes: copied inside the kernel, else through the input buffer in chunks."""
-        src = self.t.source
-        assert isinstance(src, TensorRef)
-        fd = os.open(src.path, os.O_RDONLY)
-        try:
-            if not self.writer.copy_from(fd, src.offset, src.nbytes):
-                buffer = memoryview(self.buf.raw_in)
-                for start in range(0, src.nbytes, len(buffer)):
-                    count = min(len(buffer), src.nbytes - start)
-                    if os.preadv(fd, [buffer[:count]], src.offset + start) != count:
-                        raise InputError(f"{src.path}: tensor {src.name!r} ends past the end of the file")
-                    self.writer.write(buffer[:count])
-        finally:
-            os.close(fd)
-        self.progress(src.nbytes)
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
         return self.t.source.read_rows(start, stop, memoryview(self.buf.raw_in))
@@ -155,7 +207,7 @@ class _TensorMerger:
         if self.t.is_replacement:
             # PEFT loads a replacement into the model's parameter, in the model's dtype, before merging;
             # the output buffer is free until the block is encoded.
-            source = self.buf.output(self.t.dtype, source.shape).copy_(source)
+            source = _view(self.out.next_buffer(), self.t.dtype, source.shape).copy_(source)
         work = self.buf.work[: source.numel()].view(source.shape)
         work.copy_(source)
         for delta in deltas:
@@ -182,24 +234,28 @@ class _TensorMerger:
 def write_shards(plan: Plan, folder: Path, metadata: dict[str, str], progress: Progress) -> list[Path]:
     """Write every shard of `plan` into `folder`, each committed only when complete."""
     buffers = _Buffers(plan)
+    out = _WriteBehind(buffers.out_bytes)
     written: list[Path] = []
-    for shard in plan.shards:
-        specs = [TensorSpec(t.name, t.dtype, t.shape) for t in shard.tensors]
-        writer = ShardWriter(folder / shard.filename, specs, metadata)
-        try:
-            for tensor in shard.tensors:
-                _TensorMerger(tensor, buffers, writer, progress).run()
-            writer.commit()
-        except OSError as exc:
-            writer.abort()
-            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                free = shutil.disk_usage(folder).free
-                raise ResourceError(f"{folder}: the disk filled while writing {shard.filename} ({exc.strerror}); "
-                                    f"the output needs {format_size(plan.disk_needed)}, "
-                                    f"{format_size(free)} is free now") from exc
-            raise InputError(f"{getattr(exc, 'filename', None) or folder}: {exc.strerror or exc}") from exc
-        except BaseException:
-            writer.abort()
-            raise
-        written.append(folder / shard.filename)
+    try:
+        for shard in plan.shards:
+            specs = [TensorSpec(t.name, t.dtype, t.shape) for t in shard.tensors]
+            writer = ShardWriter(folder / shard.filename, specs, metadata)
+            try:
+                for tensor in shard.tensors:
+                    _TensorMerger(tensor, buffers, out, writer, progress).run()
+                out.drain()
+                writer.commit()
+            except BaseException:
+                out.close()  # no write may touch the file once it is aborted
+                writer.abort()
+                raise
+            written.append(folder / shard.filename)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            free = shutil.disk_usage(folder).free
+            raise ResourceError(f"{folder}: the disk filled while writing the output ({exc.strerror}); it needs "
+                                f"{format_size(plan.disk_needed)}, {format_size(free)} is free now") from exc
+        raise InputError(f"{getattr(exc, 'filename', None) or folder}: {exc.strerror or exc}") from exc
+    finally:
+        out.close()
     return written

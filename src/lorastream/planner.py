@@ -276,7 +276,8 @@ def _memory_plan(tensors: list[OutputTensor], budget: int, baseline: int) -> Mem
     fp32 = 8 if any(t.needs_fp32 for t in decoded) else 0  # the float32 work block and the delta block
     # DoRA on a transposed weight sums squares over row blocks in float64 (the square and its block).
     column_norms = 16 if any(t.magnitude is not None and t.deltas[0].transposed for t in decoded) else 0
-    per_element = in_item + out_item + fp32 + column_norms
+    # two output blocks: one being written behind while the next is computed
+    per_element = in_item + 2 * out_item + fp32 + column_norms
     adapter_peak = max((sum(d.fp32_bytes for d in t.deltas) + (t.magnitude.numel * 8 if t.magnitude else 0)
                         for t in decoded), default=0)
     min_elements = max(t.min_block_rows * t.row_elements for t in decoded)
