@@ -162,3 +162,83 @@ def test_plan_and_inspect_know_quantized_tensors(case: Case, tmp_path: Path) -> 
     assert isinstance(q_proj.source, Bnb4Source)
     assert q_proj.source.stored_bytes < q_proj.nbytes // 3  # packed on disk, dense in the output
     assert not any(".absmax" in t.name or "quant_state" in t.name for t in job.tensors)
+
+
+def merged_fp32(case: Case) -> dict[str, torch.Tensor]:
+    """The merged weights in float32: PEFT's merge on the base loaded in float32."""
+    from peft import PeftModel
+
+    model = case.model_class.from_pretrained(case.base, dtype=torch.float32)
+    return PeftModel.from_pretrained(model, case.adapter).merge_and_unload().state_dict()
+
+
+QUANTIZED_LINEARS = [f"model.layers.{i}.{m}.weight" for i in range(2) for m in
+                     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                      "mlp.up_proj", "mlp.down_proj")]
+
+
+@pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_quantize_4bit_output_equals_bitsandbytes(case: Case, tmp_path: Path, quant_type: str,
+                                                  double_quant: bool) -> None:
+    lorastream.merge(case.base, case.adapter, tmp_path / "out", quantize=quant_type, double_quant=double_quant,
+                     max_shard_size="300KB")
+    ours = load_output(tmp_path / "out")
+    reference = merged_fp32(case)
+    for name in QUANTIZED_LINEARS:
+        packed, state = bnb.functional.quantize_4bit(reference[name], blocksize=64, quant_type=quant_type,
+                                                     compress_statistics=double_quant)
+        assert torch.equal(ours[name], packed), name
+        assert torch.equal(ours[f"{name}.absmax"], state.absmax), name
+        assert torch.equal(ours[f"{name}.quant_map"], state.code), name
+        quant_state = json.loads(bytes(ours[f"{name}.quant_state.bitsandbytes__{quant_type}"].tolist()))
+        assert quant_state["shape"] == list(reference[name].shape)
+        assert quant_state["dtype"] == "bfloat16"
+        if double_quant:
+            assert torch.equal(ours[f"{name}.nested_absmax"], state.state2.absmax), name
+            assert torch.equal(ours[f"{name}.nested_quant_map"], state.state2.code), name
+            assert quant_state["nested_offset"] == state.offset.item()
+    assert ours["lm_head.weight"].dtype == torch.bfloat16  # kept dense, as transformers does
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["bnb_4bit_quant_type"] == quant_type and config["bnb_4bit_use_double_quant"] == double_quant
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    layer = loaded.model.layers[1].mlp.down_proj
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    packed, state = bnb.functional.quantize_4bit(reference["model.layers.1.mlp.down_proj.weight"], blocksize=64,
+                                                 quant_type=quant_type, compress_statistics=double_quant)
+    expected = bnb.functional.dequantize_4bit(packed, state).to(torch.bfloat16)
+    assert torch.equal(bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state), expected)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_quantize_int8_output_equals_bitsandbytes(case: Case, tmp_path: Path) -> None:
+    lorastream.merge(case.base, case.adapter, tmp_path / "out", quantize="int8")
+    ours = load_output(tmp_path / "out")
+    reference = merged_fp32(case)
+    for name in QUANTIZED_LINEARS:
+        codes, scb, _ = bnb.functional.int8_vectorwise_quant(reference[name].to(torch.float16))
+        module = name.removesuffix(".weight")
+        assert torch.equal(ours[name], codes), name
+        assert torch.equal(ours[f"{module}.SCB"], scb), name
+        assert ours[f"{module}.weight_format"].item() == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.weight.data,
+                       ours["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_requantize_a_quantized_base(case: Case, tmp_path: Path) -> None:
+    """NF4 in, NF4 out: the merge runs on bitsandbytes' dequantization and is quantized again."""
+    model = quantize(case.base, tmp_path / "q", **FOUR_BIT["nf4-double"])
+    lorastream.merge(tmp_path / "q", case.adapter, tmp_path / "out", quantize="nf4")
+    ours = load_output(tmp_path / "out")
+    from peft import PeftModel
+
+    dense = dequantized_model(case, model, torch.bfloat16).float()
+    reference = PeftModel.from_pretrained(dense, case.adapter).merge_and_unload().state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    packed, state = bnb.functional.quantize_4bit(reference[name], blocksize=64, quant_type="nf4",
+                                                 compress_statistics=True)
+    assert torch.equal(ours[name], packed)
+    assert torch.equal(ours[f"{name}.absmax"], state.absmax)

@@ -16,9 +16,12 @@ import torch
 from . import __version__
 from .adapters.lora import Adapter
 from .adapters.peft import read_peft_adapter
+from .codecs import Encoding
+from .codecs.bnb4 import Bnb4Encoding
+from .codecs.int8 import Int8Encoding
 from .engine import Progress, write_shards
 from .errors import InputError, ResourceError
-from .formats.hf import open_hf_model, read_json
+from .formats.hf import HFModel, open_hf_model, read_json
 from .formats.safetensors import read_header
 from .formats.tensor_ref import TensorRef
 from .formats.torchzip import read_state_dict
@@ -56,18 +59,38 @@ def _adapters(adapters: PathLike | Sequence[PathLike], weights: Sequence[float] 
     return [(read_peft_adapter(Path(p)), float(w)) for p, w in zip(paths, weights, strict=True)]
 
 
+def _encoding(quantize: str | None, double_quant: bool | None, dtype: torch.dtype | None,
+              model: HFModel) -> Encoding | None:
+    if quantize is None:
+        return None
+    if quantize == "int8":
+        return Int8Encoding()
+    if quantize not in ("nf4", "fp4"):
+        raise InputError(f"--quantize {quantize!r}: expected nf4, fp4 or int8")
+    compute = dtype or DTYPES.get(model.config.get("dtype") or model.config.get("torch_dtype") or "", torch.bfloat16)
+    return Bnb4Encoding(quantize, quantize == "nf4" if double_quant is None else double_quant, compute)
+
+
 def plan(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike, *,
          weights: Sequence[float] | None = None, max_memory: str | int | None = None,
-         dtype: str | None = None, max_shard_size: str | int = "5GB") -> Plan:
-    """Plan a merge from headers only: output layout, memory and disk needs. Nothing is written."""
+         dtype: str | None = None, max_shard_size: str | int = "5GB", quantize: str | None = None,
+         double_quant: bool | None = None) -> Plan:
+    """Plan a merge from headers only: output layout, memory and disk needs. Nothing is written.
+
+    `quantize` ("nf4", "fp4", "int8") writes linear weights in bitsandbytes' format; `double_quant`
+    defaults to on for nf4.
+    """
     if dtype is not None and dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     out_dir = Path(out).absolute()
     probe = next((p for p in (out_dir, *out_dir.parents) if p.exists()), Path("/"))
-    return make_plan(open_hf_model(Path(base)), _adapters(adapters, weights), out_dir,
+    model = open_hf_model(Path(base))
+    chosen = DTYPES.get(dtype or "")
+    return make_plan(model, _adapters(adapters, weights), out_dir,
                      budget=parse_size(max_memory) if max_memory is not None else default_budget(),
                      baseline=current_rss(), disk_free=shutil.disk_usage(probe).free,
-                     max_shard_size=parse_size(max_shard_size), dtype=DTYPES.get(dtype or ""))
+                     max_shard_size=parse_size(max_shard_size), dtype=chosen,
+                     quantize=_encoding(quantize, double_quant, chosen, model))
 
 
 def _provenance(job: Plan, options: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +101,8 @@ def _provenance(job: Plan, options: dict[str, Any]) -> dict[str, Any]:
 
 def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike, *,
           weights: Sequence[float] | None = None, max_memory: str | int | None = None,
-          dtype: str | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
+          dtype: str | None = None, max_shard_size: str | int = "5GB", quantize: str | None = None,
+          double_quant: bool | None = None, overwrite: bool = False,
           progress: Progress | None = None) -> MergeResult:
     """Merge LoRA adapters into a Hugging Face model, streaming within the memory budget.
 
@@ -93,11 +117,12 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
             raise InputError(f"{out_dir}: the output folder is one of the inputs; choose another -o folder")
     check_destination(out_dir, overwrite)
     job = plan(base, adapters, out_dir, weights=weights, max_memory=max_memory, dtype=dtype,
-               max_shard_size=max_shard_size)
+               max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant)
     shortfall = describe_shortfall(job)
     if shortfall:
         raise ResourceError(shortfall)
-    options = {"dtype": dtype, "max_memory": job.memory.budget, "max_shard_size": job.max_shard_size}
+    options = {"dtype": dtype, "max_memory": job.memory.budget, "max_shard_size": job.max_shard_size,
+               "quantize": quantize, "double_quant": getattr(job.quantize, "double_quant", None)}
     record = _provenance(job, options)
     metadata = {"format": "pt", "lorastream": json.dumps(record, separators=(",", ":"))}
     with staged_folder(out_dir) as staging:

@@ -55,6 +55,10 @@ _job_options = [
                  "(default: half the available memory, at most 4 GiB)."),
     click.option("--dtype", type=DTYPE_CHOICE, help="Output dtype of floating tensors (default: as in the base)."),
     click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard."),
+    click.option("--quantize", type=click.Choice(["nf4", "fp4", "int8"]),
+                 help="Write linear weights in bitsandbytes' format (transformers loads it as is)."),
+    click.option("--double-quant/--no-double-quant", default=None,
+                 help="Quantize the 4-bit block statistics too (default: on for nf4, off for fp4)."),
     click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
 ]
 
@@ -84,12 +88,14 @@ def _interrupt(signum: int, _frame: object) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_reports_errors
 def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
-          dtype: str | None, max_shard_size: str, as_json: bool, overwrite: bool, quiet: bool) -> None:
+          dtype: str | None, max_shard_size: str, quantize: str | None, double_quant: bool | None, as_json: bool,
+          overwrite: bool, quiet: bool) -> None:
     """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
     with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr,
               disable=quiet or not sys.stderr.isatty()) as bar:
         result = api.merge(base, list(adapters), out, weights=_parse_weights(weights), max_memory=max_memory,
-                           dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=bar.update)
+                           dtype=dtype, max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant,
+                           overwrite=overwrite, progress=bar.update)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -131,10 +137,11 @@ def _render_plan(job: Plan) -> str:
 @_with_job_options
 @_reports_errors
 def plan_command(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
-                 dtype: str | None, max_shard_size: str, as_json: bool) -> None:
+                 dtype: str | None, max_shard_size: str, quantize: str | None, double_quant: bool | None,
+                 as_json: bool) -> None:
     """Show what merging ADAPTERS into BASE needs (memory, disk, shards, targets) without reading weights."""
     job = api.plan(base, list(adapters), out, weights=_parse_weights(weights), max_memory=max_memory, dtype=dtype,
-                   max_shard_size=max_shard_size)
+                   max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant)
     click.echo(json.dumps(_plan_json(job), indent=2) if as_json else _render_plan(job))
     shortfall = describe_shortfall(job)
     if shortfall:

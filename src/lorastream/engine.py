@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, ResourceError
-from .formats.safetensors import ShardWriter, TensorSpec
+from .formats.safetensors import ShardWriter
 from .formats.tensor_ref import TensorRef
 from .memory import format_size
 from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan
@@ -61,7 +61,7 @@ class _Buffers:
         self.elements = elements
         stored = max(math.ceil(t.source.stored_bytes / max(1, t.source.numel)) for t in decoded)
         self.raw_in = bytearray(elements * stored)
-        self.out_bytes = elements * max(t.dtype.itemsize for t in decoded)
+        self.out_bytes = elements * max(max(t.dtype.itemsize for t in decoded), 1)
         needs_fp32 = any(t.needs_fp32 for t in decoded)
         self.work = torch.empty(elements if needs_fp32 else 0, dtype=torch.float32)
         self.delta = torch.empty(elements if needs_fp32 else 0, dtype=torch.float32)
@@ -99,6 +99,10 @@ class _WriteBehind:
         future = self._submit(writer.write, memoryview(self._buffers[self._turn])[:nbytes])
         self._pending[self._turn] = future
         self._turn ^= 1
+
+    def write_bytes(self, writer: ShardWriter, data: bytes | bytearray) -> None:
+        """Append bytes the caller will not touch again (statistics computed after a tensor's blocks)."""
+        self._submit(writer.write, data)
 
     def copy(self, writer: ShardWriter, src: TensorRef) -> None:
         """Append an unchanged tensor: inside the kernel, else through a chunk buffer of this thread's own."""
@@ -179,24 +183,35 @@ class _TensorMerger:
         column_factors = None
         if magnitude is not None and deltas[0].transposed:
             column_factors = (magnitude / self._column_norms(deltas)).view(1, -1)
+        encoder = self.t.encoding.encoder(self.t.shape) if self.t.encoding is not None else None
         for start, stop in self._blocks():
             shape = (stop - start, self.cols)
-            out = _view(self.out.next_buffer(), self.t.dtype, shape)
-            if self.t.needs_fp32:
+            buffer = self.out.next_buffer()
+            if not self.t.needs_fp32:
+                out = _view(buffer, self.t.dtype, shape)
+                out.copy_(self._read(start, stop))
+                nbytes = out.numel() * out.element_size()
+            else:
                 work = self._decode(start, stop, deltas)
                 if column_factors is not None:
                     work.mul_(column_factors)
                 elif magnitude is not None:  # DoRA on [out, in]: one norm per row, as PEFT computes it
                     work.mul_((magnitude[start:stop] / torch.linalg.norm(work, dim=1)).view(-1, 1))
-                out.copy_(work)
-            else:
-                out.copy_(self._read(start, stop))
-            nbytes = shape[0] * shape[1] * self.t.dtype.itemsize
+                if encoder is not None:
+                    nbytes = encoder.encode(work, torch.frombuffer(buffer, dtype=torch.uint8))
+                else:
+                    out = _view(buffer, self.t.dtype, shape)
+                    out.copy_(work)
+                    nbytes = out.numel() * out.element_size()
             self.out.write(self.writer, nbytes)
             self.progress(nbytes)
+        if encoder is not None:
+            for data in encoder.statistics():
+                self.out.write_bytes(self.writer, data)
+                self.progress(len(data))
 
     def _blocks(self) -> Iterator[tuple[int, int]]:
-        return row_blocks(self.t.rows, self.block_rows, self.t.source.row_alignment)
+        return row_blocks(self.t.rows, self.block_rows, self.t.row_alignment)
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
         return self.t.source.read_rows(start, stop, memoryview(self.buf.raw_in))
@@ -238,7 +253,7 @@ def write_shards(plan: Plan, folder: Path, metadata: dict[str, str], progress: P
     written: list[Path] = []
     try:
         for shard in plan.shards:
-            specs = [TensorSpec(t.name, t.dtype, t.shape) for t in shard.tensors]
+            specs = [spec for t in shard.tensors for spec in t.specs]
             writer = ShardWriter(folder / shard.filename, specs, metadata)
             try:
                 for tensor in shard.tensors:

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
+from .codecs import Encoding
+from .codecs.bnb4 import Bnb4Encoding
 from .errors import InputError
 from .formats.hf import SAFETENSORS_INDEX
-from .planner import Plan
+from .planner import Plan, skip_modules
 
 PROVENANCE_FILE = "lorastream.json"
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -64,10 +66,12 @@ def write_companions(plan: Plan, folder: Path, record: dict[str, Any]) -> None:
     """Index, config.json (dtype updated), tokenizer and other files of the base, and the provenance record."""
     if len(plan.shards) > 1:
         index = {"metadata": {"total_size": plan.total_size},
-                 "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors}}
+                 "weight_map": {spec.name: s.filename for s in plan.shards for t in s.tensors for spec in t.specs}}
         (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config = dict(plan.base.config)
-    config.pop("quantization_config", None)  # the output is dense
+    config.pop("quantization_config", None)
+    if plan.quantize is not None:
+        config["quantization_config"] = quantization_config(plan.quantize, skip_modules(plan.base))
     if plan.dtype is not None:
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
@@ -77,3 +81,19 @@ def write_companions(plan: Plan, folder: Path, record: dict[str, Any]) -> None:
         if path.name != PROVENANCE_FILE:
             shutil.copy2(path, folder / path.name)
     (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def quantization_config(encoding: Encoding, skips: list[str]) -> dict[str, Any]:
+    """The `BitsAndBytesConfig` transformers needs to load the output with no extra arguments."""
+    four_bit = isinstance(encoding, Bnb4Encoding)
+    config: dict[str, Any] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": four_bit, "load_in_8bit": not four_bit,
+        "_load_in_4bit": four_bit, "_load_in_8bit": not four_bit, "llm_int8_threshold": 6.0,
+        "llm_int8_skip_modules": skips, "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False, "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False, "bnb_4bit_compute_dtype": "float32",
+    }
+    if isinstance(encoding, Bnb4Encoding):
+        config.update(bnb_4bit_quant_type=encoding.quant_type, bnb_4bit_use_double_quant=encoding.double_quant,
+                      bnb_4bit_compute_dtype=_DTYPE_NAMES[encoding.compute_dtype])
+    return config

@@ -6,7 +6,9 @@ what a job needs before a single weight byte is read.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,9 +16,10 @@ import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 
 from .adapters.lora import Adapter, LoraModule
-from .codecs import Source
+from .codecs import Encoding, Source
 from .errors import InputError
 from .formats.hf import HFModel
+from .formats.safetensors import TensorSpec
 from .formats.tensor_ref import TensorRef
 from .memory import format_size
 
@@ -64,6 +67,19 @@ class OutputTensor:
     bias_deltas: tuple[tuple[TensorRef, float], ...] = ()
     magnitude: TensorRef | None = None
     origin: str = "base"  # "adapter" when an adapter tensor replaces the base one
+    encoding: Encoding | None = None  # written quantized (then `dtype` is the compute dtype it records)
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        """The tensors this output is stored as: itself, or a quantized weight and its statistics."""
+        if self.encoding is None:
+            return [TensorSpec(self.name, self.dtype, self.shape)]
+        return [TensorSpec(*spec) for spec in self.encoding.specs(self.name, self.shape)]
+
+    @property
+    def row_alignment(self) -> int:
+        align = self.source.row_alignment
+        return align if self.encoding is None else math.lcm(align, self.encoding.row_alignment(self.row_elements))
 
     @property
     def is_replacement(self) -> bool:
@@ -75,7 +91,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.source.numel * self.dtype.itemsize
+        return sum(spec.nbytes for spec in self.specs)
 
     @property
     def rows(self) -> int:
@@ -93,11 +109,11 @@ class OutputTensor:
     @property
     def min_block_rows(self) -> int:
         """The smallest row block this tensor can be split into (aligned, balanced tail)."""
-        return min(self.rows, 2 * (MIN_BLOCK_ROWS + self.source.row_alignment))
+        return min(self.rows, 2 * (MIN_BLOCK_ROWS + self.row_alignment))
 
     @property
     def needs_fp32(self) -> bool:
-        return bool(self.deltas or self.bias_deltas or self.magnitude)
+        return bool(self.deltas or self.bias_deltas or self.magnitude or self.encoding)
 
 
 @dataclass(frozen=True)
@@ -145,6 +161,7 @@ class Plan:
     max_shard_size: int
     dtype: torch.dtype | None
     targets: dict[str, list[str]] = field(default_factory=dict)
+    quantize: Encoding | None = None
 
     @property
     def total_size(self) -> int:
@@ -272,30 +289,59 @@ def _memory_plan(tensors: list[OutputTensor], budget: int, baseline: int) -> Mem
     if not decoded:
         return MemoryPlan(budget, baseline, RESERVE_BYTES, 0, 0, 0, 0)
     in_item = max(t.source.decode_bytes_per_element for t in decoded)
-    out_item = max(t.dtype.itemsize for t in decoded)
+    out_item = max(max(t.dtype.itemsize for t in decoded), 1)
     fp32 = 8 if any(t.needs_fp32 for t in decoded) else 0  # the float32 work block and the delta block
     # DoRA on a transposed weight sums squares over row blocks in float64 (the square and its block).
     column_norms = 16 if any(t.magnitude is not None and t.deltas[0].transposed for t in decoded) else 0
     # two output blocks: one being written behind while the next is computed
-    per_element = in_item + 2 * out_item + fp32 + column_norms
+    encode = max((t.encoding.encode_bytes_per_element for t in decoded if t.encoding), default=0)
+    per_element = in_item + 2 * out_item + fp32 + column_norms + encode
     adapter_peak = max((sum(d.fp32_bytes for d in t.deltas) + (t.magnitude.numel * 8 if t.magnitude else 0)
-                        for t in decoded), default=0)
+                        + (t.encoding.state_bytes(t.source.numel) if t.encoding else 0) for t in decoded), default=0)
     min_elements = max(t.min_block_rows * t.row_elements for t in decoded)
     spare = budget - baseline - RESERVE_BYTES - adapter_peak
     elements = max(min_elements, min(MAX_BLOCK_ELEMENTS, spare // per_element))
     return MemoryPlan(budget, baseline, RESERVE_BYTES, adapter_peak, per_element, elements, min_elements)
 
 
+# Weights transformers keeps dense when it quantizes a model (embeddings, the output head).
+_KEPT_DENSE = re.compile(r"(^|\.)(lm_head|embed_tokens|embed_positions|wte|wpe|embed_in|embed_out|word_embeddings|"
+                         r"position_embeddings|token_type_embeddings|shared|output)\.weight$")
+
+
+def skip_modules(base: HFModel) -> list[str]:
+    """Modules the output keeps dense when quantized: the base's own skip list, else transformers' default."""
+    configured = (base.config.get("quantization_config") or {}).get("llm_int8_skip_modules")
+    return list(configured) if configured else ["lm_head"]
+
+
+def _quantized(tensor: OutputTensor, base: HFModel, encoding: Encoding) -> OutputTensor:
+    """`tensor` written with `encoding` when it is a linear weight transformers would quantize."""
+    skips = skip_modules(base)
+    module = tensor.name.removesuffix(".weight")
+    linear = len(tensor.shape) == 2 and tensor.name.endswith(".weight") and tensor.source.dtype.is_floating_point
+    skipped = any(module == skip or module.endswith(f".{skip}") for skip in skips)
+    if not linear or skipped or _KEPT_DENSE.search(tensor.name):
+        return tensor
+    return dataclasses.replace(tensor, encoding=encoding)
+
+
 def make_plan(base: HFModel, adapters: list[tuple[Adapter, float]], out_dir: Path, *, budget: int, baseline: int,
-              disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None) -> Plan:
+              disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
+              quantize: Encoding | None = None) -> Plan:
     """Plan merging `adapters` (each with its weight) into `base`; pure, from headers only."""
     frozen = tuple(adapters)
     found, targets = _collect(base, frozen)
     tensors = _output_tensors(base, found, dtype)
+    if quantize is not None:
+        if base.model_type in CONV1D_MODEL_TYPES:
+            raise InputError(f"{base.path}: {base.model_type} stores linear layers as Conv1D; writing them "
+                             "quantized is not supported")
+        tensors = [_quantized(t, base, quantize) for t in tensors]
     shards = _shards(tensors, max_shard_size)
     disk_needed = sum(s.nbytes for s in shards) + HEADER_ALLOWANCE * len(shards)
     return Plan(base, frozen, out_dir, tuple(tensors), shards, _memory_plan(tensors, budget, baseline),
-                disk_needed, disk_free, max_shard_size, dtype, targets)
+                disk_needed, disk_free, max_shard_size, dtype, targets, quantize)
 
 
 def describe_shortfall(plan: Plan) -> str | None:

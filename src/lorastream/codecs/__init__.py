@@ -17,8 +17,10 @@ from typing import Protocol
 import torch
 
 from ..formats.tensor_ref import TensorRef
-from .bnb4 import QUANT_STATE_PREFIX, SIDECARS, bnb4_source
-from .int8 import int8_source
+from .bnb4 import QUANT_STATE_PREFIX, SIDECARS, Bnb4Encoding, bnb4_source
+from .int8 import Int8Encoding, int8_source
+
+Encoding = Bnb4Encoding | Int8Encoding
 
 
 class Source(Protocol):

@@ -161,3 +161,163 @@ def bnb4_source(module: str, tensors: dict[str, TensorRef], state_ref: TensorRef
                       need("weight.nested_absmax") if nested else None,
                       need("weight.nested_quant_map") if nested else None, quant_type, blocksize, shape, dtype,
                       nested_blocksize, float(state.get("nested_offset", 0.0)) if nested else 0.0)  # type: ignore[arg-type]
+
+
+# --- encoding ------------------------------------------------------------------------------------------------
+# bitsandbytes 0.50's 4-bit quantizer on the CPU is its PyTorch default kernel (per-block absmax, values times
+# the reciprocal, bucketized by the midpoints of the sorted code); the nested absmax quantization is its C
+# kernel, which looks codes up in a 65536-bin table. Both are reproduced here bit for bit (tests compare with
+# bitsandbytes itself); what CUDA kernels would produce can differ by one code step for rare values.
+
+NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+FP4 = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+NESTED_BLOCKSIZE = 256
+_LUT_SIZE = 65536
+
+
+def four_bit_code(quant_type: str) -> torch.Tensor:
+    code = torch.tensor(NF4 if quant_type == "nf4" else FP4, dtype=torch.float32)
+    return code / code.abs().max()
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit map (`create_dynamic_map(signed=True)`), sorted."""
+    data: list[float] = []
+    max_exponent_bits, non_sign_bits = 7, 7
+    for i in range(max_exponent_bits):
+        items = 2 ** (i + non_sign_bits - max_exponent_bits) + 1
+        boundaries = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data += [0, 1.0]
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def _lookup_table(code: torch.Tensor) -> torch.Tensor:
+    """The C kernel's table: for each of 65536 bins over [-1, 1], the code whose midpoint interval holds it."""
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    bins = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / (_LUT_SIZE - 1)
+    return torch.searchsorted(midpoints, bins, side="left").to(torch.uint8)
+
+
+def quantize_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Double quantization of per-block absmax: (uint8 codes, float32 absmax per 256 blocks, offset)."""
+    offset = absmax.mean()
+    values = absmax - offset
+    blocks = math.ceil(values.numel() / NESTED_BLOCKSIZE)
+    padded = torch.nn.functional.pad(values, (0, blocks * NESTED_BLOCKSIZE - values.numel())).view(blocks, -1)
+    nested_absmax = padded.abs().max(dim=1).values
+    scaled = (padded * (1.0 / nested_absmax).view(-1, 1)).clamp(-1, 1)
+    bins = (((scaled + 1.0) * 0.5) * (_LUT_SIZE - 1) + 0.5).to(torch.int64)
+    codes = _lookup_table(dynamic_map())[bins]
+    codes[nested_absmax == 0] = 0
+    return codes.reshape(-1)[: values.numel()].contiguous(), nested_absmax, offset.item()
+
+
+@dataclass(frozen=True)
+class Bnb4Encoding:
+    """Write a weight as bitsandbytes 4-bit: packed nibbles plus statistics, as transformers serializes it."""
+
+    quant_type: str
+    double_quant: bool
+    compute_dtype: torch.dtype
+    blocksize: int = 64
+
+    def row_alignment(self, row_elements: int) -> int:
+        return self.blocksize // math.gcd(row_elements, self.blocksize)
+
+    # the scaled float32 copy (4), its int64 bucket indices (8), the uint8 codes and packed bytes (1.5)
+    encode_bytes_per_element = 14
+
+    def state_bytes(self, numel: int) -> int:
+        """Float32 absmax of the whole tensor, kept until its statistics are written."""
+        return math.ceil(numel / self.blocksize) * 8
+
+    def specs(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        numel = math.prod(shape)
+        blocks = math.ceil(numel / self.blocksize)
+        specs = [(name, torch.uint8, ((numel + 1) // 2, 1)),
+                 (f"{name}.absmax", torch.uint8 if self.double_quant else torch.float32, (blocks,)),
+                 (f"{name}.quant_map", torch.float32, (16,))]
+        if self.double_quant:
+            specs += [(f"{name}.nested_absmax", torch.float32, (math.ceil(blocks / NESTED_BLOCKSIZE),)),
+                      (f"{name}.nested_quant_map", torch.float32, (256,))]
+        specs.append((f"{name}.quant_state.bitsandbytes__{self.quant_type}", torch.uint8,
+                      (len(self._state_json(shape, None)),)))
+        return specs
+
+    def _state_json(self, shape: tuple[int, ...], offset: float | None) -> bytes:
+        """bitsandbytes' quant state JSON; its length is fixed before the offset is known by padding with
+        spaces (JSON whitespace) to the longest float repr."""
+        state: dict[str, object] = {"quant_type": self.quant_type, "blocksize": self.blocksize,
+                                    "dtype": str(self.compute_dtype).removeprefix("torch."), "shape": list(shape)}
+        if self.double_quant:
+            state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0.0)
+        longest = len(json.dumps(state)) - len("0.0") + len(repr(-2.2250738585072014e-308))
+        if self.double_quant and offset is not None:
+            state["nested_offset"] = offset
+        return json.dumps(state).encode().ljust(longest)
+
+    def encoder(self, shape: tuple[int, ...]) -> Bnb4Encoder:
+        return Bnb4Encoder(self, shape)
+
+
+class Bnb4Encoder:
+    """Quantizes one tensor block by block (blocks start on quantization blocks) and then its statistics."""
+
+    def __init__(self, encoding: Bnb4Encoding, shape: tuple[int, ...]):
+        self.encoding, self.shape = encoding, shape
+        code = four_bit_code(encoding.quant_type)
+        self._code = code
+        self._order = torch.argsort(code)
+        self._bounds = (code[self._order[:-1]] + code[self._order[1:]]) / 2
+        self._absmax: list[torch.Tensor] = []
+
+    def encode(self, values: torch.Tensor, out: torch.Tensor) -> int:
+        """Quantize float32 `values` (a block of rows) into `out` (uint8); returns the bytes written."""
+        flat = values.reshape(-1)
+        size = self.encoding.blocksize
+        full = flat.numel() - flat.numel() % size
+        blocks = flat[:full].view(-1, size)
+        absmax = blocks.abs().max(dim=-1)[0]
+        scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+        if full < flat.numel():  # the tensor's last, partial block: bitsandbytes divides here
+            tail_max = flat[full:].abs().max().clamp(min=1e-38)
+            absmax = torch.cat([absmax, tail_max.unsqueeze(0)])
+            scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        codes = torch.bucketize(scaled, self._bounds, out_int32=True)
+        if self.encoding.quant_type != "nf4":
+            codes = self._order[codes]
+        codes8 = codes.to(torch.uint8)
+        count = codes8.numel() // 2
+        torch.bitwise_or(codes8[::2] << 4, codes8[1::2], out=out[:count])
+        self._absmax.append(absmax)
+        return count
+
+    def statistics(self) -> list[bytes]:
+        """The bytes of every tensor after the packed weight, in `Bnb4Encoding.specs` order."""
+        absmax = torch.cat(self._absmax)
+        self._absmax = []
+        tensors: list[torch.Tensor] = []
+        offset = None
+        if self.encoding.double_quant:
+            codes, nested_absmax, offset = quantize_nested(absmax)
+            tensors = [codes, self._code, nested_absmax, dynamic_map()]
+        else:
+            tensors = [absmax, self._code]
+        state = self.encoding._state_json(self.shape, offset)
+        return [tensor_bytes(t) for t in tensors] + [state]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytearray:
+    """A tensor's raw bytes, copied without a round trip through Python objects."""
+    raw = tensor.contiguous().view(torch.uint8).reshape(-1)
+    buffer = bytearray(raw.numel())
+    if raw.numel():
+        torch.frombuffer(buffer, dtype=torch.uint8).copy_(raw)
+    return buffer

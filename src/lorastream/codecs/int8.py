@@ -15,6 +15,7 @@ import torch
 
 from ..errors import InputError
 from ..formats.tensor_ref import TensorRef
+from .bnb4 import tensor_bytes
 
 INV_127 = 7.874015718698502e-3
 
@@ -81,3 +82,45 @@ def int8_source(module: str, tensors: dict[str, TensorRef], dense_dtype: torch.d
     if math.prod(weight.shape) == 0:
         raise InputError(f"{where}: empty int8 weight")
     return Int8Source(f"{module}.weight", weight, scb, dense_dtype)
+
+
+@dataclass(frozen=True)
+class Int8Encoding:
+    """Write a weight as LLM.int8 (what `Int8Params` stores): int8 rows, SCB, row-major weight_format."""
+
+    def row_alignment(self, row_elements: int) -> int:
+        return 1
+
+    # the float16 copy (2), the float32 product (4), the int8 result (1)
+    encode_bytes_per_element = 7
+
+    def state_bytes(self, numel: int) -> int:
+        return 0
+
+    def specs(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        module = name.removesuffix(".weight")
+        return [(name, torch.int8, shape), (f"{module}.SCB", torch.float32, (shape[0],)),
+                (f"{module}.weight_format", torch.uint8, ())]
+
+    def encoder(self, shape: tuple[int, ...]) -> Int8Encoder:
+        return Int8Encoder()
+
+
+class Int8Encoder:
+    """bitsandbytes' `int8_vectorwise_quant` of the float16 weight, one block of whole rows at a time."""
+
+    def __init__(self) -> None:
+        self._scb: list[torch.Tensor] = []
+
+    def encode(self, values: torch.Tensor, out: torch.Tensor) -> int:
+        half = values.to(torch.float16)
+        row_stats = torch.max(half.abs(), dim=1).values.float()
+        quantized = torch.round(half * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
+        out[: quantized.numel()].copy_(quantized.view(torch.uint8).reshape(-1))
+        self._scb.append(row_stats)
+        return quantized.numel()
+
+    def statistics(self) -> list[bytes | bytearray]:
+        scb = torch.cat(self._scb)
+        self._scb = []
+        return [tensor_bytes(scb), b"\x00"]
