@@ -242,3 +242,27 @@ def test_requantize_a_quantized_base(case: Case, tmp_path: Path) -> None:
                                                  compress_statistics=True)
     assert torch.equal(ours[name], packed)
     assert torch.equal(ours[f"{name}.absmax"], state.absmax)
+
+
+@pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", True), ("fp4", False)])
+def test_trained_on_merges_into_what_qlora_saw(case: Case, tmp_path: Path, quant_type: str,
+                                                double_quant: bool) -> None:
+    """`--trained-on nf4` on a dense base equals PEFT's merge onto bitsandbytes' dequantize(quantize(W))."""
+    model = quantize(case.base, tmp_path / "q", bnb_4bit_quant_type=quant_type,
+                     bnb_4bit_use_double_quant=double_quant)
+    lorastream.merge(case.base, case.adapter, tmp_path / "out", trained_on=quant_type, double_quant=double_quant)
+    ours = load_output(tmp_path / "out")
+    reference = peft_merge_on_dequantized(case, model, torch.bfloat16)
+    dense = load_output(case.base)
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, reference[name]), name
+    name = "model.layers.0.self_attn.k_proj.weight"  # not adapted, yet rounded through the quantizer
+    assert not torch.equal(ours[name], dense[name])
+    assert torch.equal(ours["lm_head.weight"], dense["lm_head.weight"])  # kept dense in training too
+
+
+def test_trained_on_refuses_a_quantized_base(case: Case, tmp_path: Path) -> None:
+    quantize(case.base, tmp_path / "q", **FOUR_BIT["nf4-double"])
+    with pytest.raises(lorastream.InputError, match="already quantized"):
+        lorastream.merge(tmp_path / "q", case.adapter, tmp_path / "out", trained_on="nf4")
+    assert not (tmp_path / "out").exists()

@@ -60,13 +60,13 @@ def _adapters(adapters: PathLike | Sequence[PathLike], weights: Sequence[float] 
 
 
 def _encoding(quantize: str | None, double_quant: bool | None, dtype: torch.dtype | None,
-              model: HFModel) -> Encoding | None:
+              model: HFModel, option: str = "--quantize") -> Encoding | None:
     if quantize is None:
         return None
-    if quantize == "int8":
+    if quantize == "int8" and option == "--quantize":
         return Int8Encoding()
     if quantize not in ("nf4", "fp4"):
-        raise InputError(f"--quantize {quantize!r}: expected nf4, fp4 or int8")
+        raise InputError(f"{option} {quantize!r}: expected nf4 or fp4" + (" or int8" if option == "--quantize" else ""))
     compute = dtype or DTYPES.get(model.config.get("dtype") or model.config.get("torch_dtype") or "", torch.bfloat16)
     return Bnb4Encoding(quantize, quantize == "nf4" if double_quant is None else double_quant, compute)
 
@@ -74,11 +74,12 @@ def _encoding(quantize: str | None, double_quant: bool | None, dtype: torch.dtyp
 def plan(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike, *,
          weights: Sequence[float] | None = None, max_memory: str | int | None = None,
          dtype: str | None = None, max_shard_size: str | int = "5GB", quantize: str | None = None,
-         double_quant: bool | None = None) -> Plan:
+         double_quant: bool | None = None, trained_on: str | None = None) -> Plan:
     """Plan a merge from headers only: output layout, memory and disk needs. Nothing is written.
 
-    `quantize` ("nf4", "fp4", "int8") writes linear weights in bitsandbytes' format; `double_quant`
-    defaults to on for nf4.
+    `quantize` ("nf4", "fp4", "int8") writes linear weights in bitsandbytes' format; `trained_on` ("nf4",
+    "fp4") merges into the base as QLoRA training saw it, `dequantize(quantize(W))`; `double_quant`
+    (default: on for nf4) applies to both.
     """
     if dtype is not None and dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -90,7 +91,8 @@ def plan(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike,
                      budget=parse_size(max_memory) if max_memory is not None else default_budget(),
                      baseline=current_rss(), disk_free=shutil.disk_usage(probe).free,
                      max_shard_size=parse_size(max_shard_size), dtype=chosen,
-                     quantize=_encoding(quantize, double_quant, chosen, model))
+                     quantize=_encoding(quantize, double_quant, chosen, model),
+                     trained_on=_encoding(trained_on, double_quant, None, model, "--trained-on"))  # type: ignore[arg-type]
 
 
 def _provenance(job: Plan, options: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +104,7 @@ def _provenance(job: Plan, options: dict[str, Any]) -> dict[str, Any]:
 def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike, *,
           weights: Sequence[float] | None = None, max_memory: str | int | None = None,
           dtype: str | None = None, max_shard_size: str | int = "5GB", quantize: str | None = None,
-          double_quant: bool | None = None, overwrite: bool = False,
+          double_quant: bool | None = None, trained_on: str | None = None, overwrite: bool = False,
           progress: Progress | None = None) -> MergeResult:
     """Merge LoRA adapters into a Hugging Face model, streaming within the memory budget.
 
@@ -117,12 +119,12 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
             raise InputError(f"{out_dir}: the output folder is one of the inputs; choose another -o folder")
     check_destination(out_dir, overwrite)
     job = plan(base, adapters, out_dir, weights=weights, max_memory=max_memory, dtype=dtype,
-               max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant)
+               max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant, trained_on=trained_on)
     shortfall = describe_shortfall(job)
     if shortfall:
         raise ResourceError(shortfall)
     options = {"dtype": dtype, "max_memory": job.memory.budget, "max_shard_size": job.max_shard_size,
-               "quantize": quantize, "double_quant": getattr(job.quantize, "double_quant", None)}
+               "quantize": quantize, "trained_on": trained_on, "double_quant": double_quant}
     record = _provenance(job, options)
     metadata = {"format": "pt", "lorastream": json.dumps(record, separators=(",", ":"))}
     with staged_folder(out_dir) as staging:

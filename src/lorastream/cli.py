@@ -57,8 +57,10 @@ _job_options = [
     click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard."),
     click.option("--quantize", type=click.Choice(["nf4", "fp4", "int8"]),
                  help="Write linear weights in bitsandbytes' format (transformers loads it as is)."),
+    click.option("--trained-on", type=click.Choice(["nf4", "fp4"]),
+                 help="Merge into the base as QLoRA training saw it, dequantize(quantize(W)), not the dense weights."),
     click.option("--double-quant/--no-double-quant", default=None,
-                 help="Quantize the 4-bit block statistics too (default: on for nf4, off for fp4)."),
+                 help="4-bit: quantize the block statistics too (default: on for nf4, off for fp4)."),
     click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
 ]
 
@@ -88,14 +90,14 @@ def _interrupt(signum: int, _frame: object) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_reports_errors
 def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
-          dtype: str | None, max_shard_size: str, quantize: str | None, double_quant: bool | None, as_json: bool,
-          overwrite: bool, quiet: bool) -> None:
+          dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
+          double_quant: bool | None, as_json: bool, overwrite: bool, quiet: bool) -> None:
     """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
     with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr,
               disable=quiet or not sys.stderr.isatty()) as bar:
         result = api.merge(base, list(adapters), out, weights=_parse_weights(weights), max_memory=max_memory,
                            dtype=dtype, max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant,
-                           overwrite=overwrite, progress=bar.update)
+                           trained_on=trained_on, overwrite=overwrite, progress=bar.update)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -137,11 +139,11 @@ def _render_plan(job: Plan) -> str:
 @_with_job_options
 @_reports_errors
 def plan_command(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
-                 dtype: str | None, max_shard_size: str, quantize: str | None, double_quant: bool | None,
-                 as_json: bool) -> None:
+                 dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
+                 double_quant: bool | None, as_json: bool) -> None:
     """Show what merging ADAPTERS into BASE needs (memory, disk, shards, targets) without reading weights."""
     job = api.plan(base, list(adapters), out, weights=_parse_weights(weights), max_memory=max_memory, dtype=dtype,
-                   max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant)
+                   max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant, trained_on=trained_on)
     click.echo(json.dumps(_plan_json(job), indent=2) if as_json else _render_plan(job))
     shortfall = describe_shortfall(job)
     if shortfall:

@@ -17,6 +17,7 @@ from huggingface_hub import split_state_dict_into_shards_factory
 
 from .adapters.lora import Adapter, LoraModule
 from .codecs import Encoding, Source
+from .codecs.bnb4 import Bnb4Encoding, RoundTripSource
 from .errors import InputError
 from .formats.hf import HFModel
 from .formats.safetensors import TensorSpec
@@ -297,7 +298,8 @@ def _memory_plan(tensors: list[OutputTensor], budget: int, baseline: int) -> Mem
     encode = max((t.encoding.encode_bytes_per_element for t in decoded if t.encoding), default=0)
     per_element = in_item + 2 * out_item + fp32 + column_norms + encode
     adapter_peak = max((sum(d.fp32_bytes for d in t.deltas) + (t.magnitude.numel * 8 if t.magnitude else 0)
-                        + (t.encoding.state_bytes(t.source.numel) if t.encoding else 0) for t in decoded), default=0)
+                        + (t.encoding.state_bytes(t.source.numel) if t.encoding else 0)
+                        + getattr(t.source, "resident_bytes", 0) for t in decoded), default=0)
     min_elements = max(t.min_block_rows * t.row_elements for t in decoded)
     spare = budget - baseline - RESERVE_BYTES - adapter_peak
     elements = max(min_elements, min(MAX_BLOCK_ELEMENTS, spare // per_element))
@@ -315,29 +317,42 @@ def skip_modules(base: HFModel) -> list[str]:
     return list(configured) if configured else ["lm_head"]
 
 
-def _quantized(tensor: OutputTensor, base: HFModel, encoding: Encoding) -> OutputTensor:
-    """`tensor` written with `encoding` when it is a linear weight transformers would quantize."""
-    skips = skip_modules(base)
+def _is_quantizable(tensor: OutputTensor, base: HFModel) -> bool:
+    """Whether transformers would store `tensor` quantized: a linear weight outside the skip list."""
     module = tensor.name.removesuffix(".weight")
     linear = len(tensor.shape) == 2 and tensor.name.endswith(".weight") and tensor.source.dtype.is_floating_point
-    skipped = any(module == skip or module.endswith(f".{skip}") for skip in skips)
-    if not linear or skipped or _KEPT_DENSE.search(tensor.name):
+    skipped = any(module == skip or module.endswith(f".{skip}") for skip in skip_modules(base))
+    return linear and not skipped and not _KEPT_DENSE.search(tensor.name)
+
+
+def _trained_on(tensor: OutputTensor, base: HFModel, encoding: Bnb4Encoding) -> OutputTensor:
+    """Read a dense linear weight through 4-bit quantization, as QLoRA training saw it."""
+    if not _is_quantizable(tensor, base) or tensor.is_replacement:
         return tensor
-    return dataclasses.replace(tensor, encoding=encoding)
+    if not isinstance(tensor.source, TensorRef):
+        raise InputError(f"{tensor.source.path}: {tensor.name} is already quantized; --trained-on applies to a "
+                         "dense base")
+    return dataclasses.replace(tensor, source=RoundTripSource(tensor.source, encoding))
 
 
 def make_plan(base: HFModel, adapters: list[tuple[Adapter, float]], out_dir: Path, *, budget: int, baseline: int,
               disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
-              quantize: Encoding | None = None) -> Plan:
-    """Plan merging `adapters` (each with its weight) into `base`; pure, from headers only."""
+              quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None) -> Plan:
+    """Plan merging `adapters` (each with its weight) into `base`; pure, from headers only.
+
+    `quantize` writes linear weights quantized; `trained_on` reads dense linear weights through that 4-bit
+    quantization first (the weights a QLoRA adapter was trained against).
+    """
     frozen = tuple(adapters)
     found, targets = _collect(base, frozen)
     tensors = _output_tensors(base, found, dtype)
+    if trained_on is not None:
+        tensors = [_trained_on(t, base, trained_on) for t in tensors]
     if quantize is not None:
         if base.model_type in CONV1D_MODEL_TYPES:
             raise InputError(f"{base.path}: {base.model_type} stores linear layers as Conv1D; writing them "
                              "quantized is not supported")
-        tensors = [_quantized(t, base, quantize) for t in tensors]
+        tensors = [dataclasses.replace(t, encoding=quantize) if _is_quantizable(t, base) else t for t in tensors]
     shards = _shards(tensors, max_shard_size)
     disk_needed = sum(s.nbytes for s in shards) + HEADER_ALLOWANCE * len(shards)
     return Plan(base, frozen, out_dir, tuple(tensors), shards, _memory_plan(tensors, budget, baseline),

@@ -13,11 +13,15 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import InputError
 from ..formats.tensor_ref import TensorRef
+
+if TYPE_CHECKING:
+    from . import Source
 
 QUANT_STATE_PREFIX = "weight.quant_state.bitsandbytes__"
 # Sidecar tensors stored beside `<module>.weight`, relative to the module.
@@ -92,10 +96,8 @@ class Bnb4Source:
         if self._nested is None:
             return raw.float()
         nested_code, nested_absmax = self._nested
-        blocks = torch.arange(first_block, first_block + count) // self.nested_blocksize
-        absmax = nested_code[raw.long()] * nested_absmax[blocks]
-        absmax += self.nested_offset
-        return absmax
+        return dequantize_nested(raw, nested_absmax, self.nested_offset, nested_code, first_block,
+                                 self.nested_blocksize)
 
     def read_rows(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor:
         cols = self.row_elements
@@ -265,34 +267,60 @@ class Bnb4Encoding:
         return Bnb4Encoder(self, shape)
 
 
-class Bnb4Encoder:
-    """Quantizes one tensor block by block (blocks start on quantization blocks) and then its statistics."""
+class Quantizer4:
+    """bitsandbytes' 4-bit quantization of float32 values into codes, block by block."""
 
-    def __init__(self, encoding: Bnb4Encoding, shape: tuple[int, ...]):
-        self.encoding, self.shape = encoding, shape
-        code = four_bit_code(encoding.quant_type)
-        self._code = code
-        self._order = torch.argsort(code)
-        self._bounds = (code[self._order[:-1]] + code[self._order[1:]]) / 2
-        self._absmax: list[torch.Tensor] = []
+    def __init__(self, quant_type: str, blocksize: int):
+        self.code = four_bit_code(quant_type)
+        self.blocksize = blocksize
+        self._order = torch.argsort(self.code)
+        self._bounds = (self.code[self._order[:-1]] + self.code[self._order[1:]]) / 2
+        self._remap = quant_type != "nf4"
+        # bitsandbytes pads an odd count with a scaled 0.0 before bucketizing
+        self.zero_code = self.codes_of_scaled(torch.zeros(1))[0]
 
-    def encode(self, values: torch.Tensor, out: torch.Tensor) -> int:
-        """Quantize float32 `values` (a block of rows) into `out` (uint8); returns the bytes written."""
+    def codes_of_scaled(self, scaled: torch.Tensor) -> torch.Tensor:
+        codes = torch.bucketize(scaled, self._bounds, out_int32=True)
+        return self._order[codes] if self._remap else codes
+
+    def codes(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and float32 absmax of `values`, whose first element starts a quantization block."""
         flat = values.reshape(-1)
-        size = self.encoding.blocksize
-        full = flat.numel() - flat.numel() % size
-        blocks = flat[:full].view(-1, size)
+        full = flat.numel() - flat.numel() % self.blocksize
+        blocks = flat[:full].view(-1, self.blocksize)
         absmax = blocks.abs().max(dim=-1)[0]
         scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
         if full < flat.numel():  # the tensor's last, partial block: bitsandbytes divides here
             tail_max = flat[full:].abs().max().clamp(min=1e-38)
             absmax = torch.cat([absmax, tail_max.unsqueeze(0)])
             scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
-        if scaled.numel() % 2:
-            scaled = torch.nn.functional.pad(scaled, (0, 1))
-        codes = torch.bucketize(scaled, self._bounds, out_int32=True)
-        if self.encoding.quant_type != "nf4":
-            codes = self._order[codes]
+        return self.codes_of_scaled(scaled), absmax
+
+
+def dequantize_nested(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: float, nested_code: torch.Tensor,
+                      first_block: int = 0, nested_blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+    """Per-block absmax back from double quantization, as bitsandbytes' `dequantize_4bit` computes it:
+    `nested_code[codes] * nested_absmax[block // 256]`, then `+= offset`, in float32."""
+    blocks = torch.arange(first_block, first_block + codes.numel()) // nested_blocksize
+    absmax = nested_code[codes.long()] * nested_absmax[blocks]
+    absmax += offset
+    return absmax
+
+
+class Bnb4Encoder:
+    """Quantizes one tensor block by block (blocks start on quantization blocks) and then its statistics."""
+
+    def __init__(self, encoding: Bnb4Encoding, shape: tuple[int, ...]):
+        self.encoding, self.shape = encoding, shape
+        self.quantizer = Quantizer4(encoding.quant_type, encoding.blocksize)
+        self._code = self.quantizer.code
+        self._absmax: list[torch.Tensor] = []
+
+    def encode(self, values: torch.Tensor, out: torch.Tensor) -> int:
+        """Quantize float32 `values` (a block of rows) into `out` (uint8); returns the bytes written."""
+        codes, absmax = self.quantizer.codes(values)
+        if codes.numel() % 2:
+            codes = torch.nn.functional.pad(codes, (0, 1), value=int(self.quantizer.zero_code))
         codes8 = codes.to(torch.uint8)
         count = codes8.numel() // 2
         torch.bitwise_or(codes8[::2] << 4, codes8[1::2], out=out[:count])
@@ -321,3 +349,88 @@ def tensor_bytes(tensor: torch.Tensor) -> bytearray:
     if raw.numel():
         torch.frombuffer(buffer, dtype=torch.uint8).copy_(raw)
     return buffer
+
+
+@dataclass
+class RoundTripSource:
+    """A dense weight seen through bitsandbytes 4-bit, `dequantize(quantize(W))`: what a QLoRA adapter was
+    trained against. Double quantization needs every block's absmax first, so the first read makes one
+    pass over the tensor to collect them (numel / blocksize floats)."""
+
+    inner: Source
+    encoding: Bnb4Encoding
+    _absmax: torch.Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def path(self) -> Path:
+        return self.inner.path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.inner.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dense_dtype
+
+    @property
+    def dense_dtype(self) -> torch.dtype:
+        return self.inner.dense_dtype
+
+    @property
+    def rows(self) -> int:
+        return self.inner.rows
+
+    @property
+    def row_elements(self) -> int:
+        return self.inner.row_elements
+
+    @property
+    def numel(self) -> int:
+        return self.inner.numel
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.inner.stored_bytes
+
+    @property
+    def row_alignment(self) -> int:
+        return math.lcm(self.inner.row_alignment, self.encoding.row_alignment(self.row_elements))
+
+    @property
+    def decode_bytes_per_element(self) -> int:
+        return self.inner.decode_bytes_per_element + Bnb4Source.decode_bytes_per_element + 4
+
+    @property
+    def resident_bytes(self) -> int:
+        """The whole tensor's block absmax, kept while it is read (and its copy while it is built)."""
+        return math.ceil(self.numel / self.encoding.blocksize) * 8
+
+    def _block_absmax(self, buffer: memoryview) -> torch.Tensor:
+        if self._absmax is None:
+            quantizer = Quantizer4(self.encoding.quant_type, self.encoding.blocksize)
+            row_bytes = max(1, self.row_elements * self.inner.decode_bytes_per_element)
+            step = max(self.row_alignment, len(buffer) // row_bytes)
+            step -= step % self.row_alignment
+            parts = [quantizer.codes(self.inner.read_rows(start, min(start + step, self.rows), buffer).float())[1]
+                     for start in range(0, self.rows, step)]
+            absmax = torch.cat(parts)
+            if self.encoding.double_quant:
+                codes, nested_absmax, offset = quantize_nested(absmax)
+                absmax = dequantize_nested(codes, nested_absmax, offset, dynamic_map())
+            self._absmax = absmax
+        return self._absmax
+
+    def read_rows(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor:
+        absmax = self._block_absmax(buffer)
+        quantizer = Quantizer4(self.encoding.quant_type, self.encoding.blocksize)
+        values = self.inner.read_rows(start, stop, buffer).float()
+        codes, _ = quantizer.codes(values)
+        first_block = start * self.row_elements // self.encoding.blocksize
+        blocks = math.ceil(values.numel() / self.encoding.blocksize)
+        scale = absmax[first_block:first_block + blocks].repeat_interleave(self.encoding.blocksize)[: values.numel()]
+        return (quantizer.code[codes.long()] * scale).to(self.dtype).view(values.shape)
