@@ -146,12 +146,22 @@ class _LoadedDelta:
     scale: float
     transposed: bool
 
+    row_offset: int | None
+
     @classmethod
     def load(cls, delta: Delta) -> _LoadedDelta:
-        return cls(delta.lora.a.read().float(), delta.lora.b.read().float(), delta.scale, delta.transposed)
+        lora = delta.lora
+        return cls(lora.a.read().float(), lora.b.read().float(), delta.scale, delta.transposed, lora.row_offset)
 
     def add_rows(self, work: torch.Tensor, scratch: torch.Tensor, start: int, stop: int) -> None:
         """work += scale · (B @ A)[start:stop] (or its transpose), computed as PEFT does: matmul, then scale."""
+        if self.row_offset is not None:  # the update covers a row range of the base only
+            low, high = max(start, self.row_offset), min(stop, self.row_offset + self.b.shape[0])
+            if low < high:
+                part = _LoadedDelta(self.a, self.b[low - self.row_offset:high - self.row_offset], self.scale, False,
+                                    None)
+                part.add_rows(work[low - start:high - start], scratch, 0, high - low)
+            return
         rows, cols = work.shape
         if self.transposed:
             product = torch.mm(self.b, self.a[:, start:stop], out=scratch[: rows * cols].view(cols, rows)).T

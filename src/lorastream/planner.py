@@ -187,6 +187,12 @@ def _is_transposed(base: HFModel, lora: LoraModule, weight: Source) -> bool:
     if len(weight.shape) != 2:
         raise InputError(f"{weight.path}: tensor {weight.name!r} has shape {list(weight.shape)}; the adapter "
                          f"targets it with a LoRA update of shape [{out_features}, {in_features}]")
+    if lora.row_offset is not None:
+        if weight.shape[1] != in_features or lora.row_offset + out_features > weight.shape[0] or lora.embedding:
+            raise InputError(f"{lora.a.path}: module {lora.module!r}: LoRA update [{out_features}, {in_features}] "
+                             f"at row {lora.row_offset} does not fit base tensor {weight.name!r} of shape "
+                             f"{list(weight.shape)}")
+        return False
     if lora.embedding:
         transposed = True
     elif out_features == in_features:

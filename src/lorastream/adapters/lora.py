@@ -12,6 +12,8 @@ class LoraModule:
     """One adapted module: its update is `scale · (B @ A)`, optionally DoRA-normalized.
 
     `embedding` modules store A as [r, num_embeddings] and B as [dim, r]; their update is transposed.
+    `row_offset` set means the update covers only rows [row_offset, row_offset + B.rows) of the base weight
+    (one part of a fused weight, such as LitGPT's q, k or v inside `attn.qkv`).
     """
 
     module: str
@@ -21,6 +23,7 @@ class LoraModule:
     embedding: bool = False
     magnitude: TensorRef | None = None
     bias: TensorRef | None = None
+    row_offset: int | None = None
 
     @property
     def rank(self) -> int:
