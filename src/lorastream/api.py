@@ -26,8 +26,9 @@ from .formats.safetensors import read_header
 from .formats.tensor_ref import TensorRef
 from .formats.torchzip import read_state_dict
 from .memory import current_rss, default_budget, parse_size, peak_rss
-from .output import check_destination, promote, staged_folder, write_companions
+from .output import check_destination, write_companions
 from .planner import Plan, describe_shortfall, make_plan
+from .staging import job_id, promote, staging_for
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PathLike = str | Path
@@ -105,7 +106,7 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
           weights: Sequence[float] | None = None, max_memory: str | int | None = None,
           dtype: str | None = None, max_shard_size: str | int = "5GB", quantize: str | None = None,
           double_quant: bool | None = None, trained_on: str | None = None, overwrite: bool = False,
-          progress: Progress | None = None) -> MergeResult:
+          allow_nonfinite: bool = False, progress: Progress | None = None) -> MergeResult:
     """Merge LoRA adapters into a Hugging Face model, streaming within the memory budget.
 
     Raises `InputError` (bad input) or `ResourceError` (not enough memory or disk) before writing
@@ -123,13 +124,17 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
     shortfall = describe_shortfall(job)
     if shortfall:
         raise ResourceError(shortfall)
-    options = {"dtype": dtype, "max_memory": job.memory.budget, "max_shard_size": job.max_shard_size,
-               "quantize": quantize, "trained_on": trained_on, "double_quant": double_quant}
-    record = _provenance(job, options)
+    options = {"dtype": dtype, "max_shard_size": job.max_shard_size, "quantize": quantize,
+               "trained_on": trained_on, "double_quant": double_quant,
+               "weights": [w for _, w in job.adapters]}
+    record = _provenance(job, {**options, "max_memory": job.memory.budget})
     metadata = {"format": "pt", "lorastream": json.dumps(record, separators=(",", ":"))}
-    with staged_folder(out_dir) as staging:
-        write_shards(job, staging, metadata, progress or (lambda _n: None))
-        write_companions(job, staging, record)
+    inputs = [*job.base.weight_files, *job.base.companion_files, job.base.path / "config.json",
+              *(p for a, _ in job.adapters for p in Path(a.source).iterdir() if p.is_file())]
+    with staging_for(out_dir, job_id(inputs, options, __version__), overwrite) as staging:
+        write_shards(job, staging.path, metadata, progress or (lambda _n: None), finished=staging.finished(),
+                     on_committed=staging.record, allow_nonfinite=allow_nonfinite)
+        write_companions(job, staging.path, {**record, "shards": staging.shards})
         promote(staging, out_dir)
     return MergeResult(out_dir, sorted(p.name for p in out_dir.iterdir()), job.total_size,
                        time.perf_counter() - started, peak_rss(), job.memory.budget)

@@ -31,7 +31,8 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"lorastream: error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("lorastream: interrupted; nothing was written to the output folder", err=True)
+            click.echo("lorastream: interrupted; the output folder is untouched, and rerunning the same command "
+                       "resumes from the shards already finished", err=True)
             sys.exit(130)
 
     return wrapper
@@ -87,17 +88,19 @@ def _interrupt(signum: int, _frame: object) -> None:
 @_with_job_options
 @click.option("--overwrite", is_flag=True,
               help="Replace a non-empty output folder (only once the new one is complete).")
+@click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf in merged tensors instead of refusing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_reports_errors
 def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
           dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
-          double_quant: bool | None, as_json: bool, overwrite: bool, quiet: bool) -> None:
+          double_quant: bool | None, as_json: bool, overwrite: bool, allow_nonfinite: bool, quiet: bool) -> None:
     """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
     with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr,
               disable=quiet or not sys.stderr.isatty()) as bar:
         result = api.merge(base, list(adapters), out, weights=_parse_weights(weights), max_memory=max_memory,
                            dtype=dtype, max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant,
-                           trained_on=trained_on, overwrite=overwrite, progress=bar.update)
+                           trained_on=trained_on, overwrite=overwrite, allow_nonfinite=allow_nonfinite,
+                           progress=bar.update)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:

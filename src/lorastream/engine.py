@@ -128,6 +128,15 @@ class _WriteBehind:
         self._outstanding.append(future)
         return future
 
+    def commit(self, writer: ShardWriter, then: Callable[[], None]) -> None:
+        """Commit the shard once its writes are done, then run `then`, both on the writer thread."""
+
+        def commit_and_record() -> None:
+            writer.commit()
+            then()
+
+        self._submit(commit_and_record)
+
     def drain(self) -> None:
         """Wait for every submitted write; raise the first failure."""
         outstanding, self._outstanding = self._outstanding, []
@@ -136,7 +145,8 @@ class _WriteBehind:
             future.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Finish what was submitted (earlier shards' commits stay useful for a resume), then stop."""
+        self._pool.shutdown(wait=True)
 
 
 @dataclass
@@ -175,8 +185,9 @@ class _TensorMerger:
     """Computes one output tensor block by block and streams its bytes to a shard writer."""
 
     def __init__(self, tensor: OutputTensor, buffers: _Buffers, out: _WriteBehind, writer: ShardWriter,
-                 progress: Progress):
+                 progress: Progress, allow_nonfinite: bool = False):
         self.t, self.buf, self.out, self.writer, self.progress = tensor, buffers, out, writer, progress
+        self.allow_nonfinite = allow_nonfinite
         self.cols = tensor.row_elements
         self.block_rows = max(1, buffers.elements // max(1, self.cols))
 
@@ -207,6 +218,10 @@ class _TensorMerger:
                     work.mul_(column_factors)
                 elif magnitude is not None:  # DoRA on [out, in]: one norm per row, as PEFT computes it
                     work.mul_((magnitude[start:stop] / torch.linalg.norm(work, dim=1)).view(-1, 1))
+                if not self.allow_nonfinite and not torch.isfinite(work).all():
+                    raise InputError(f"{self.t.source.path}: merged tensor {self.t.name!r} has NaN or Inf values "
+                                     f"(rows {start}-{stop}); the adapter or base is broken. Pass "
+                                     "--allow-nonfinite to keep them")
                 if encoder is not None:
                     nbytes = encoder.encode(work, torch.frombuffer(buffer, dtype=torch.uint8))
                 else:
@@ -256,31 +271,37 @@ class _TensorMerger:
         return squares.sqrt().float()
 
 
-def write_shards(plan: Plan, folder: Path, metadata: dict[str, str], progress: Progress) -> list[Path]:
-    """Write every shard of `plan` into `folder`, each committed only when complete."""
+def write_shards(plan: Plan, folder: Path, metadata: dict[str, str], progress: Progress, *,
+                 finished: set[str] = frozenset(), on_committed: Callable[[str], None] = lambda _name: None,
+                 allow_nonfinite: bool = False) -> None:
+    """Write every shard of `plan` not in `finished` into `folder`.
+
+    Each shard is committed (fsynced, renamed) on the writer thread once its last block is written, then
+    `on_committed(filename)` runs there too, while the next shard is already being computed.
+    """
     buffers = _Buffers(plan)
     out = _WriteBehind(buffers.out_bytes)
-    written: list[Path] = []
     try:
         for shard in plan.shards:
+            if shard.filename in finished:
+                progress(shard.nbytes)
+                continue
             specs = [spec for t in shard.tensors for spec in t.specs]
             writer = ShardWriter(folder / shard.filename, specs, metadata)
             try:
                 for tensor in shard.tensors:
-                    _TensorMerger(tensor, buffers, out, writer, progress).run()
-                out.drain()
-                writer.commit()
+                    _TensorMerger(tensor, buffers, out, writer, progress, allow_nonfinite).run()
+                out.commit(writer, lambda name=shard.filename: on_committed(name))
             except BaseException:
                 out.close()  # no write may touch the file once it is aborted
                 writer.abort()
                 raise
-            written.append(folder / shard.filename)
+        out.drain()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             free = shutil.disk_usage(folder).free
             raise ResourceError(f"{folder}: the disk filled while writing the output ({exc.strerror}); it needs "
-                                f"{format_size(plan.disk_needed)}, {format_size(free)} is free now") from exc
+                                f"{format_size(plan.disk_needed)} in all, {format_size(free)} is free now") from exc
         raise InputError(f"{getattr(exc, 'filename', None) or folder}: {exc.strerror or exc}") from exc
     finally:
         out.close()
-    return written

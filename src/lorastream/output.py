@@ -1,16 +1,11 @@
-"""The output folder: staged next to its final place, filled, and promoted in one rename.
-
-Weight shards come from the engine; this module adds the index, the updated config, the files that travel
-with a model (tokenizer, generation config), and the record of what produced it.
-"""
+"""What an output folder holds besides its weight shards (which come from the engine): the index, the
+updated config, the files that travel with a model (tokenizer, generation config), and the record of what
+produced it."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,34 +27,6 @@ def check_destination(out_dir: Path, overwrite: bool) -> None:
         raise InputError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise InputError(f"{out_dir}: folder exists and is not empty; pass --overwrite to replace it")
-
-
-@contextmanager
-def staged_folder(out_dir: Path) -> Iterator[Path]:
-    """A scratch folder beside `out_dir`, removed if the body fails; `promote` moves it into place."""
-    staging = out_dir.parent / f".{out_dir.name}.lorastream-partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def promote(staging: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by the complete `staging` folder; an old output is removed only afterwards."""
-    old = out_dir.parent / f".{out_dir.name}.lorastream-old"
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(out_dir.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_companions(plan: Plan, folder: Path, record: dict[str, Any]) -> None:

@@ -1,0 +1,148 @@
+"""The staging folder beside OUT: locked, resumable, and promoted into place only when complete.
+
+A merge writes into `.OUT.lorastream-partial/`. Its manifest names the job (inputs, options, version) and
+every shard already committed there with its size and CRC-32, so rerunning the same command after a crash or
+`kill -9` keeps those shards and redoes the rest. A lock file makes a second merge into the same OUT refuse
+instead of interleaving. OUT itself changes in one rename at the very end.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+MANIFEST = "lorastream-manifest.json"
+_CHUNK = 1 << 20
+
+
+def job_id(inputs: Sequence[Path], options: dict[str, Any], version: str) -> str:
+    """Identity of a merge: every input file's path, size and mtime, the options that shape the output."""
+    files = sorted({str(p.resolve()): p for p in inputs}.items())
+    described = [(name, p.stat().st_size, p.stat().st_mtime_ns) for name, p in files]
+    text = json.dumps({"inputs": described, "options": options, "version": version}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb", buffering=0) as f:
+        buffer = bytearray(_CHUNK)
+        view = memoryview(buffer)
+        while count := f.readinto(buffer):
+            crc = zlib.crc32(view[:count], crc)
+    return crc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Staging:
+    """A locked staging folder and its manifest of finished shards."""
+
+    path: Path
+    job: str
+    shards: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def finished(self) -> set[str]:
+        return set(self.shards)
+
+    def record(self, filename: str) -> None:
+        """Note a committed shard (size and CRC-32), atomically; called on the writer thread."""
+        shard = self.path / filename
+        self.shards[filename] = {"size": shard.stat().st_size, "crc32": file_crc32(shard)}
+        self._save()
+
+    def _save(self) -> None:
+        temp = self.path / f".{MANIFEST}.partial"
+        temp.write_text(json.dumps({"job": self.job, "shards": self.shards}, indent=2))
+        with temp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, self.manifest_path)
+        _fsync_dir(self.path)
+
+    def _resume(self, overwrite: bool) -> None:
+        """Keep the shards a previous run of this job finished and can still prove; drop everything else."""
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
+            manifest = None  # nothing was finished: a crash before the first shard
+        if isinstance(manifest, dict) and manifest.get("job") != self.job and not overwrite:
+            raise InputError(f"{self.path}: holds the partial output of a different merge (other inputs or "
+                             "options); rerun that command to resume it, or pass --overwrite to discard it")
+        kept: dict[str, dict[str, int]] = {}
+        if isinstance(manifest, dict) and manifest.get("job") == self.job:
+            for name, info in (manifest.get("shards") or {}).items():
+                shard = self.path / str(name)
+                if (isinstance(info, dict) and shard.is_file() and shard.stat().st_size == info.get("size")
+                        and file_crc32(shard) == info.get("crc32")):
+                    kept[str(name)] = info
+        for entry in self.path.iterdir():
+            if entry.name not in kept and entry.name != MANIFEST:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        self.shards = kept
+        self._save()
+
+
+@contextmanager
+def staging_for(out_dir: Path, job: str, overwrite: bool) -> Iterator[Staging]:
+    """Lock OUT, prepare (or resume) its staging folder, and clean up on failure.
+
+    A failure removes the staging folder; an interruption (Ctrl-C, SIGTERM) keeps it, so the same command
+    resumes. The lock is released when the process ends, however it ends.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out_dir.parent / f".{out_dir.name}.lorastream.lock"
+    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{out_dir}: another lorastream merge is writing this output now; wait for it "
+                             "to finish or choose another -o folder") from None
+        staging = Staging(out_dir.parent / f".{out_dir.name}.lorastream-partial", job)
+        staging.path.mkdir(exist_ok=True)
+        staging._resume(overwrite)
+        try:
+            yield staging
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            shutil.rmtree(staging.path, ignore_errors=True)
+            raise
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(lock_fd)
+
+
+def promote(staging: Staging, out_dir: Path) -> None:
+    """Replace `out_dir` by the complete staging folder; an old output is removed only afterwards."""
+    staging.manifest_path.unlink()
+    old = out_dir.parent / f".{out_dir.name}.lorastream-old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(staging.path, out_dir)
+    _fsync_dir(out_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,164 @@
+"""Never half-written, never fooled: resume after kill -9, locks, disk full, NaN refusal."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorastream
+from lorastream.demo import build_demo_adapter, build_demo_model
+from lorastream.staging import MANIFEST
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("crash")
+    build_demo_model(root / "base")
+    build_demo_adapter(root / "adapter")
+    return root / "base", root / "adapter"
+
+
+def command(base: Path, adapter: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lorastream", "merge", str(base), str(adapter), "-o", str(out),
+            "--max-shard-size", "8MB", "--quiet", *extra]
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix == ".safetensors"}
+
+
+@pytest.fixture(scope="module")
+def reference(inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("ref") / "out"
+    subprocess.run(command(*inputs, out), check=True)
+    return folder_bytes(out)
+
+
+def finished_shards(staging: Path) -> int:
+    try:
+        return len(json.loads((staging / MANIFEST).read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return -1 if not staging.exists() else 0
+
+
+@pytest.mark.parametrize("kill_after", [0, 1, 4])
+def test_kill_9_mid_merge_then_rerun_is_bit_identical(inputs: tuple[Path, Path], reference: dict[str, bytes],
+                                                      tmp_path: Path, kill_after: int) -> None:
+    """SIGKILL once `kill_after` shards are committed (0: as soon as the staging folder exists); whatever
+    state that leaves, the same command afterwards produces the uninterrupted run's bytes."""
+    out = tmp_path / "out"
+    staging = tmp_path / ".out.lorastream-partial"
+    process = subprocess.Popen(command(*inputs, out))
+    deadline = time.monotonic() + 60
+    while finished_shards(staging) < kill_after and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if (out / "model.safetensors.index.json").exists():  # it finished first: then it is complete
+        assert folder_bytes(out) == reference
+    else:
+        assert not out.exists()
+    done = subprocess.run(command(*inputs, out, "--overwrite"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert folder_bytes(out) == reference
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_interrupted_run_resumes_finished_shards(inputs: tuple[Path, Path], reference: dict[str, bytes],
+                                                 tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    written = 0
+
+    def interrupt_midway(n: int) -> None:
+        nonlocal written
+        written += n
+        if written > 40 << 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lorastream.merge(*inputs, out, max_shard_size="8MB", progress=interrupt_midway)
+    staging = tmp_path / ".out.lorastream-partial"
+    assert not out.exists() and (staging / MANIFEST).exists()
+    time.sleep(0.2)  # the writer thread may still commit the shard it was on
+    kept = {p.name: p.stat().st_ino for p in staging.glob("model-*.safetensors")}
+    assert kept, "some shards were finished before the interruption"
+
+    lorastream.merge(*inputs, out, max_shard_size="8MB")
+    assert folder_bytes(out) == reference
+    for name, inode in kept.items():  # kept, not rewritten
+        assert (out / name).stat().st_ino == inode
+
+
+def test_partial_output_of_another_job_is_refused(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        lorastream.merge(*inputs, out, max_shard_size="8MB", progress=lambda _n: (_ for _ in ()).throw(
+            KeyboardInterrupt))
+    done = subprocess.run(command(*inputs, out, "--dtype", "float32"), capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "different merge" in done.stderr and "--overwrite" in done.stderr
+    assert subprocess.run(command(*inputs, out, "--dtype", "float32", "--overwrite")).returncode == 0
+
+
+def test_second_merge_into_the_same_output_refuses(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    lock = os.open(tmp_path / ".out.lorastream.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        done = subprocess.run(command(*inputs, out), capture_output=True, text=True)
+    finally:
+        os.close(lock)
+    assert done.returncode == 2
+    assert "another lorastream merge is writing" in done.stderr
+    assert not out.exists()
+
+
+def test_disk_full_exits_3_and_leaves_nothing(inputs: tuple[Path, Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+    budget = [30 << 20]
+
+    def filling_write(fd: int, data: bytes | memoryview) -> int:
+        if len(data) > 4096:
+            budget[0] -= len(data)
+            if budget[0] < 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", filling_write)
+    monkeypatch.setattr(os, "copy_file_range", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EXDEV, "x")))
+    with pytest.raises(lorastream.ResourceError, match="disk filled"):
+        lorastream.merge(*inputs, tmp_path / "out", max_shard_size="8MB")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nonfinite_merge_is_refused_unless_allowed(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = inputs
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    name = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    tensors[name][3, 0] = float("nan")
+    save_file(tensors, broken / "adapter_model.safetensors")
+    done = subprocess.run(command(base, broken, tmp_path / "out"), capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "model.layers.1.mlp.up_proj.weight" in done.stderr and "NaN" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+    allowed = subprocess.run(command(base, broken, tmp_path / "out", "--allow-nonfinite"))
+    assert allowed.returncode == 0
+    merged = load_file(tmp_path / "out" / next(p.name for p in (tmp_path / "out").glob("*.safetensors")
+                                                   if "model.layers.1.mlp.up_proj.weight" in load_file(p)))
+    assert torch.isnan(merged["model.layers.1.mlp.up_proj.weight"]).any()
