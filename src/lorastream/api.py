@@ -22,13 +22,14 @@ from .codecs.int8 import Int8Encoding
 from .engine import Progress, write_shards
 from .errors import InputError, ResourceError
 from .formats.hf import HFModel, open_hf_model, read_json
-from .formats.safetensors import read_header
+from .formats.safetensors import ShardWriter, read_header
 from .formats.tensor_ref import TensorRef
 from .formats.torchzip import read_state_dict
 from .memory import current_rss, default_budget, parse_size, peak_rss
-from .output import check_destination, write_companions
+from .output import PROVENANCE_FILE, check_destination, write_companions
 from .planner import Plan, describe_shortfall, make_plan
 from .staging import job_id, promote, staging_for
+from .verification import Comparator, TensorCheck, VerifyReport
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PathLike = str | Path
@@ -132,8 +133,9 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
     inputs = [*job.base.weight_files, *job.base.companion_files, job.base.path / "config.json",
               *(p for a, _ in job.adapters for p in Path(a.source).iterdir() if p.is_file())]
     with staging_for(out_dir, job_id(inputs, options, __version__), overwrite) as staging:
-        write_shards(job, staging.path, metadata, progress or (lambda _n: None), finished=staging.finished(),
-                     on_committed=staging.record, allow_nonfinite=allow_nonfinite)
+        write_shards(job, lambda shard: ShardWriter(staging.path / shard.filename, shard.specs, metadata),
+                     progress or (lambda _n: None), finished=staging.finished(), on_committed=staging.record,
+                     allow_nonfinite=allow_nonfinite)
         write_companions(job, staging.path, {**record, "shards": staging.shards})
         promote(staging, out_dir)
     return MergeResult(out_dir, sorted(p.name for p in out_dir.iterdir()), job.total_size,
@@ -181,3 +183,42 @@ def inspect(path: PathLike) -> dict[str, Any]:
     if path.suffix == ".json":
         return {"path": str(path), "format": "json", "content": read_json(path)}
     raise InputError(f"{path}: not a model folder, adapter folder or weight file")
+
+
+def verify(base: PathLike, adapters: PathLike | Sequence[PathLike], merged: PathLike, *,
+           weights: Sequence[float] | None = None, max_memory: str | int | None = None, dtype: str | None = None,
+           quantize: str | None = None, double_quant: bool | None = None, trained_on: str | None = None,
+           exact: bool | None = None, progress: Progress | None = None) -> VerifyReport:
+    """Recompute the merge of `adapters` into `base` block by block and compare it with `merged`.
+
+    Options not given are taken from the merged folder's `lorastream.json` when it has one. `exact` (the
+    default for lorastream's own outputs, which are deterministic) requires identical bytes; otherwise floats
+    may differ by one rounding step at the element's and its row's magnitude (see `verification`).
+    """
+    merged_dir = Path(merged)
+    recorded = _recorded_options(merged_dir)
+    job = plan(base, adapters, merged_dir, weights=weights if weights is not None else recorded.get("weights"),
+               max_memory=max_memory, dtype=dtype or recorded.get("dtype"),
+               quantize=quantize or recorded.get("quantize"),
+               double_quant=double_quant if double_quant is not None else recorded.get("double_quant"),
+               trained_on=trained_on or recorded.get("trained_on"))
+    if not job.memory.fits:
+        raise ResourceError(describe_shortfall(job) or "not enough memory")
+    stored: dict[str, TensorRef] = {}
+    for path in sorted(merged_dir.glob("*.safetensors")):
+        stored.update(read_header(path).tensors)
+    if not stored:
+        raise InputError(f"{merged_dir}: no safetensors files to verify")
+    checks: dict[str, TensorCheck] = {}
+    exact = bool(recorded) if exact is None else exact
+    write_shards(job, lambda shard: Comparator(shard.specs, stored, checks, exact), progress or (lambda _n: None),
+                 allow_nonfinite=True)
+    return VerifyReport(list(checks.values()), sorted(set(stored) - set(checks)), peak_rss(), job.memory.budget)
+
+
+def _recorded_options(merged: Path) -> dict[str, Any]:
+    record = merged / PROVENANCE_FILE
+    if not record.is_file():
+        return {}
+    options = read_json(record).get("options", {})
+    return options if isinstance(options, dict) else {}

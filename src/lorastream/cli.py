@@ -89,11 +89,13 @@ def _interrupt(signum: int, _frame: object) -> None:
 @click.option("--overwrite", is_flag=True,
               help="Replace a non-empty output folder (only once the new one is complete).")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf in merged tensors instead of refusing.")
+@click.option("--verify", "verify_after", is_flag=True, help="Recompute and compare the output after writing it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_reports_errors
 def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
           dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
-          double_quant: bool | None, as_json: bool, overwrite: bool, allow_nonfinite: bool, quiet: bool) -> None:
+          double_quant: bool | None, as_json: bool, overwrite: bool, allow_nonfinite: bool, verify_after: bool,
+          quiet: bool) -> None:
     """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
     with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr,
               disable=quiet or not sys.stderr.isatty()) as bar:
@@ -108,6 +110,13 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
                    f"in {result.seconds:.1f} s", err=True)
     click.echo(f"Memory used: peak RSS {format_size(result.peak_rss)} of a {format_size(result.budget)} budget",
                err=True)
+    if verify_after:
+        report = api.verify(base, list(adapters), result.out_dir, weights=_parse_weights(weights),
+                            max_memory=max_memory)
+        if not report.ok:
+            click.echo(_render_verify(report), err=True)
+            sys.exit(4)
+        click.echo(f"verified: {len(report.checks)} tensors match", err=True)
 
 
 def _plan_json(job: Plan) -> dict[str, Any]:
@@ -136,6 +145,46 @@ def _render_plan(job: Plan) -> str:
         *(f"  {name}  <-  {', '.join(sources)}" for name, sources in job.targets.items()),
     ]
     return "\n".join(lines)
+
+
+def _render_verify(report: api.VerifyReport) -> str:
+    lines = [f"{'tensor':60} {'dtype':9} {'elements':>11} {'differ':>9} {'max |diff|':>11}"]
+    for check in report.checks:
+        status = check.problem or ("ok" if check.ok else "MISMATCH")
+        lines.append(f"{check.name:60} {check.dtype:9} {check.elements:>11,} {check.differing:>9,} "
+                     f"{check.max_abs_diff:>11.3g}  {status}")
+    lines += [f"unexpected tensor in the merged checkpoint: {name}" for name in report.unexpected]
+    bad = sum(not c.ok for c in report.checks) + len(report.unexpected)
+    lines.append("all tensors match" if report.ok else f"{bad} tensors do not match")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("base", type=click.Path(file_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--weights", help="Comma-separated weight per adapter (default: as recorded, else 1 each).")
+@click.option("--max-memory", help="Peak RSS budget, as for merge.")
+@click.option("--exact/--tolerant", default=None,
+              help="Require identical bytes (default for lorastream's outputs) or allow one rounding step.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Only the summary line and failures.")
+@_reports_errors
+def verify(base: str, paths: tuple[str, ...], weights: str | None, max_memory: str | None, exact: bool | None,
+           as_json: bool, quiet: bool) -> None:
+    """Recompute merging ADAPTERS into BASE and compare with MERGED (the last path). Exit 0 when every
+    tensor matches, 4 otherwise."""
+    if len(paths) < 2:
+        raise click.UsageError("expected BASE ADAPTER... MERGED")
+    report = api.verify(base, list(paths[:-1]), paths[-1], weights=_parse_weights(weights), max_memory=max_memory,
+                        exact=exact)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        text = _render_verify(report)
+        click.echo("\n".join(line for line in text.splitlines() if not quiet or "ok" not in line.split()[-1:]))
+    click.echo(f"Memory used: peak RSS {format_size(report.peak_rss)} of a {format_size(report.budget)} budget",
+               err=True)
+    sys.exit(0 if report.ok else 4)
 
 
 @main.command("plan")

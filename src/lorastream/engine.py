@@ -14,15 +14,14 @@ import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from .errors import InputError, ResourceError
-from .formats.safetensors import ShardWriter
 from .formats.tensor_ref import TensorRef
 from .memory import format_size
-from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan
+from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan, Shard
 
 Progress = Callable[[int], None]
 # Chunk for copying unchanged tensors through user space when the kernel cannot copy between the files.
@@ -94,21 +93,21 @@ class _WriteBehind:
             pending.result()
         return self._buffers[self._turn]
 
-    def write(self, writer: ShardWriter, nbytes: int) -> None:
+    def write(self, writer: ShardSink, nbytes: int) -> None:
         """Write the first `nbytes` of the buffer `next_buffer` returned."""
         future = self._submit(writer.write, memoryview(self._buffers[self._turn])[:nbytes])
         self._pending[self._turn] = future
         self._turn ^= 1
 
-    def write_bytes(self, writer: ShardWriter, data: bytes | bytearray) -> None:
+    def write_bytes(self, writer: ShardSink, data: bytes | bytearray) -> None:
         """Append bytes the caller will not touch again (statistics computed after a tensor's blocks)."""
         self._submit(writer.write, data)
 
-    def copy(self, writer: ShardWriter, src: TensorRef) -> None:
+    def copy(self, writer: ShardSink, src: TensorRef) -> None:
         """Append an unchanged tensor: inside the kernel, else through a chunk buffer of this thread's own."""
         self._submit(self._copy, writer, src)
 
-    def _copy(self, writer: ShardWriter, src: TensorRef) -> None:
+    def _copy(self, writer: ShardSink, src: TensorRef) -> None:
         fd = os.open(src.path, os.O_RDONLY)
         try:
             if writer.copy_from(fd, src.offset, src.nbytes):
@@ -128,7 +127,7 @@ class _WriteBehind:
         self._outstanding.append(future)
         return future
 
-    def commit(self, writer: ShardWriter, then: Callable[[], None]) -> None:
+    def commit(self, writer: ShardSink, then: Callable[[], None]) -> None:
         """Commit the shard once its writes are done, then run `then`, both on the writer thread."""
 
         def commit_and_record() -> None:
@@ -161,30 +160,46 @@ class _LoadedDelta:
     @classmethod
     def load(cls, delta: Delta) -> _LoadedDelta:
         lora = delta.lora
-        return cls(lora.a.read().float(), lora.b.read().float(), delta.scale, delta.transposed, lora.row_offset)
+        dtype = lora.compute_dtype or torch.float32
+        return cls(lora.a.read().to(dtype), lora.b.read().to(dtype), delta.scale, delta.transposed, lora.row_offset)
 
     def add_rows(self, work: torch.Tensor, scratch: torch.Tensor, start: int, stop: int) -> None:
-        """work += scale · (B @ A)[start:stop] (or its transpose), computed as PEFT does: matmul, then scale."""
-        if self.row_offset is not None:  # the update covers a row range of the base only
-            low, high = max(start, self.row_offset), min(stop, self.row_offset + self.b.shape[0])
-            if low < high:
-                part = _LoadedDelta(self.a, self.b[low - self.row_offset:high - self.row_offset], self.scale, False,
-                                    None)
-                part.add_rows(work[low - start:high - start], scratch, 0, high - low)
+        """work += scale · (B @ A)[start:stop] (or its transpose), computed as PEFT does: matmul, then scale,
+        each rounded to the dtype of A and B (the module's compute dtype)."""
+        if self.row_offset is not None:
+            self._add_part_rows(work, scratch, start, stop)
             return
         rows, cols = work.shape
         if self.transposed:
-            product = torch.mm(self.b, self.a[:, start:stop], out=scratch[: rows * cols].view(cols, rows)).T
+            product = torch.mm(self.b, self.a[:, start:stop],
+                               out=scratch.view(self.a.dtype)[: rows * cols].view(cols, rows)).T
         else:
-            product = torch.mm(self.b[start:stop], self.a, out=scratch[: rows * cols].view(rows, cols))
+            product = torch.mm(self.b[start:stop], self.a,
+                               out=scratch.view(self.a.dtype)[: rows * cols].view(rows, cols))
         product.mul_(self.scale)
         work.add_(product)
+
+    def _add_part_rows(self, work: torch.Tensor, scratch: torch.Tensor, start: int, stop: int) -> None:
+        """The update covers rows [row_offset, row_offset + B.rows) of the base only: add its overlap with the
+        block. The product is taken over at least MIN_BLOCK_ROWS rows of B, so a sliver of a part computes with
+        the kernel (and rounding) the whole part's product has."""
+        offset, part_rows = self.row_offset or 0, self.b.shape[0]
+        low, high = max(start, offset), min(stop, offset + part_rows)
+        if low >= high:
+            return
+        first = max(offset, min(low, offset + part_rows - MIN_BLOCK_ROWS))
+        last = max(high, min(first + MIN_BLOCK_ROWS, offset + part_rows))
+        rows, cols = last - first, work.shape[1]
+        product = torch.mm(self.b[first - offset:last - offset], self.a,
+                           out=scratch.view(self.a.dtype)[: rows * cols].view(rows, cols))
+        product.mul_(self.scale)
+        work[low - start:high - start].add_(product[low - first:high - first])
 
 
 class _TensorMerger:
     """Computes one output tensor block by block and streams its bytes to a shard writer."""
 
-    def __init__(self, tensor: OutputTensor, buffers: _Buffers, out: _WriteBehind, writer: ShardWriter,
+    def __init__(self, tensor: OutputTensor, buffers: _Buffers, out: _WriteBehind, writer: ShardSink,
                  progress: Progress, allow_nonfinite: bool = False):
         self.t, self.buf, self.out, self.writer, self.progress = tensor, buffers, out, writer, progress
         self.allow_nonfinite = allow_nonfinite
@@ -271,13 +286,25 @@ class _TensorMerger:
         return squares.sqrt().float()
 
 
-def write_shards(plan: Plan, folder: Path, metadata: dict[str, str], progress: Progress, *,
+class ShardSink(Protocol):
+    """Where a shard's bytes go: a `ShardWriter`, or the comparator `verify` uses."""
+
+    def write(self, chunk: memoryview | bytes) -> None: ...
+
+    def copy_from(self, fd: int, offset: int, count: int) -> bool: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def write_shards(plan: Plan, open_sink: Callable[[Shard], ShardSink], progress: Progress, *,
                  finished: set[str] = frozenset(), on_committed: Callable[[str], None] = lambda _name: None,
                  allow_nonfinite: bool = False) -> None:
-    """Write every shard of `plan` not in `finished` into `folder`.
+    """Produce every shard of `plan` not in `finished` into the sink `open_sink` gives for it.
 
-    Each shard is committed (fsynced, renamed) on the writer thread once its last block is written, then
-    `on_committed(filename)` runs there too, while the next shard is already being computed.
+    Each shard is committed (for a file: fsynced, renamed) on the writer thread once its last block is
+    written, then `on_committed(filename)` runs there too, while the next shard is already being computed.
     """
     buffers = _Buffers(plan)
     out = _WriteBehind(buffers.out_bytes)
@@ -286,8 +313,7 @@ def write_shards(plan: Plan, folder: Path, metadata: dict[str, str], progress: P
             if shard.filename in finished:
                 progress(shard.nbytes)
                 continue
-            specs = [spec for t in shard.tensors for spec in t.specs]
-            writer = ShardWriter(folder / shard.filename, specs, metadata)
+            writer = open_sink(shard)
             try:
                 for tensor in shard.tensors:
                     _TensorMerger(tensor, buffers, out, writer, progress, allow_nonfinite).run()
@@ -299,9 +325,9 @@ def write_shards(plan: Plan, folder: Path, metadata: dict[str, str], progress: P
         out.drain()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            free = shutil.disk_usage(folder).free
-            raise ResourceError(f"{folder}: the disk filled while writing the output ({exc.strerror}); it needs "
+            free = shutil.disk_usage(plan.out_dir.parent).free
+            raise ResourceError(f"{plan.out_dir}: the disk filled while writing the output ({exc.strerror}); it needs "
                                 f"{format_size(plan.disk_needed)} in all, {format_size(free)} is free now") from exc
-        raise InputError(f"{getattr(exc, 'filename', None) or folder}: {exc.strerror or exc}") from exc
+        raise InputError(f"{getattr(exc, 'filename', None) or plan.out_dir}: {exc.strerror or exc}") from exc
     finally:
         out.close()

@@ -126,6 +126,10 @@ class Shard:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [spec for t in self.tensors for spec in t.specs]
+
 
 @dataclass(frozen=True)
 class MemoryPlan:
@@ -222,7 +226,7 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...]) -> tupl
     targets: dict[str, list[str]] = {}
     for adapter, weight in adapters:
         for module, lora in adapter.modules.items():
-            name = _base_name(base, module, "weight")
+            name = _base_name(base, lora.module, "weight")
             if name is None:
                 raise InputError(f"{lora.a.path}: module {module!r} has no weight in the base model "
                                  f"{base.path} (an adapter for another model, or tied weights?)")
@@ -240,7 +244,7 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...]) -> tupl
                                      f"{list(lora.magnitude.shape)}, expected [{expected}]")
                 entry.magnitude = lora.magnitude
             if lora.bias is not None:
-                bias_name = _base_name(base, module, "bias")
+                bias_name = _base_name(base, lora.module, "bias")
                 if bias_name is None:
                     raise InputError(f"{lora.bias.path}: module {module!r}: lora_bias needs a bias in the base "
                                      "layer, and the base has none")

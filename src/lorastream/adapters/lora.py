@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..formats.tensor_ref import TensorRef
 
 
@@ -14,6 +16,8 @@ class LoraModule:
     `embedding` modules store A as [r, num_embeddings] and B as [dim, r]; their update is transposed.
     `row_offset` set means the update covers only rows [row_offset, row_offset + B.rows) of the base weight
     (one part of a fused weight, such as LitGPT's q, k or v inside `attn.qkv`).
+    `compute_dtype` is the dtype `B @ A`, its scaling and the sum are rounded to, as the reference does it:
+    None is float32 (PEFT); LitGPT merges in the merged model's dtype.
     """
 
     module: str
@@ -24,6 +28,7 @@ class LoraModule:
     magnitude: TensorRef | None = None
     bias: TensorRef | None = None
     row_offset: int | None = None
+    compute_dtype: torch.dtype | None = None
 
     @property
     def rank(self) -> int:
