@@ -233,7 +233,8 @@ class _TensorMerger:
                     work.mul_(column_factors)
                 elif magnitude is not None:  # DoRA on [out, in]: one norm per row, as PEFT computes it
                     work.mul_((magnitude[start:stop] / torch.linalg.norm(work, dim=1)).view(-1, 1))
-                if not self.allow_nonfinite and not torch.isfinite(work).all():
+                # a block's sum is finite unless it holds NaN/Inf (or overflows, which the exact test rules out)
+                if not (self.allow_nonfinite or math.isfinite(work.sum().item()) or torch.isfinite(work).all()):
                     raise InputError(f"{self.t.source.path}: merged tensor {self.t.name!r} has NaN or Inf values "
                                      f"(rows {start}-{stop}); the adapter or base is broken. Pass "
                                      "--allow-nonfinite to keep them")
@@ -299,12 +300,14 @@ class ShardSink(Protocol):
 
 
 def write_shards(plan: Plan, open_sink: Callable[[Shard], ShardSink], progress: Progress, *,
-                 finished: set[str] = frozenset(), on_committed: Callable[[str], None] = lambda _name: None,
+                 finished: set[str] = frozenset(),
+                 on_committed: Callable[[str, int, int], None] = lambda _name, _size, _crc: None,
                  allow_nonfinite: bool = False) -> None:
     """Produce every shard of `plan` not in `finished` into the sink `open_sink` gives for it.
 
     Each shard is committed (for a file: fsynced, renamed) on the writer thread once its last block is
-    written, then `on_committed(filename)` runs there too, while the next shard is already being computed.
+    written, then `on_committed(filename, size, crc32)` runs there too (for sinks that are files), while the
+    next shard is already being computed.
     """
     buffers = _Buffers(plan)
     out = _WriteBehind(buffers.out_bytes)
@@ -317,7 +320,8 @@ def write_shards(plan: Plan, open_sink: Callable[[Shard], ShardSink], progress: 
             try:
                 for tensor in shard.tensors:
                     _TensorMerger(tensor, buffers, out, writer, progress, allow_nonfinite).run()
-                out.commit(writer, lambda name=shard.filename: on_committed(name))
+                out.commit(writer, lambda name=shard.filename, sink=writer: on_committed(
+                    name, getattr(sink, "size", 0), getattr(sink, "crc32", 0)))
             except BaseException:
                 out.close()  # no write may touch the file once it is aborted
                 writer.abort()

@@ -67,10 +67,9 @@ class Staging:
     def finished(self) -> set[str]:
         return set(self.shards)
 
-    def record(self, filename: str) -> None:
+    def record(self, filename: str, size: int, crc32: int) -> None:
         """Note a committed shard (size and CRC-32), atomically; called on the writer thread."""
-        shard = self.path / filename
-        self.shards[filename] = {"size": shard.stat().st_size, "crc32": file_crc32(shard)}
+        self.shards[filename] = {"size": size, "crc32": crc32}
         self._save()
 
     def _save(self) -> None:

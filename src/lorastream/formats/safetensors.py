@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,10 +153,16 @@ class ShardWriter:
         self._expected = len(header) + sum(spec.nbytes for spec in specs)
         self.fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._written = 0
+        self.crc32 = 0  # of everything written so far, for the resume manifest
         self.write(header)
 
+    @property
+    def size(self) -> int:
+        return self._written
+
     def write(self, chunk: memoryview | bytes) -> None:
-        view = memoryview(chunk)
+        view = memoryview(chunk).cast("B")
+        self.crc32 = zlib.crc32(view, self.crc32)
         while view:
             done = os.write(self.fd, view)
             view = view[done:]
@@ -175,7 +182,16 @@ class ShardWriter:
                 raise InputError(f"input ended while copying {count - copied} more bytes (truncated file?)")
             copied += done
             self._written += done
+        self._checksum_range(fd, offset, count)
         return True
+
+    def _checksum_range(self, fd: int, offset: int, count: int) -> None:
+        """Bytes copied inside the kernel never pass through here: read them back (from the page cache)."""
+        chunk = bytearray(min(count, 1 << 20))
+        view = memoryview(chunk)
+        for start in range(0, count, len(chunk)):
+            got = os.preadv(fd, [view[: min(len(chunk), count - start)]], offset + start)
+            self.crc32 = zlib.crc32(view[:got], self.crc32)
 
     def commit(self) -> None:
         if self._written != self._expected:
