@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections import Counter
@@ -19,15 +20,18 @@ from .adapters.peft import read_peft_adapter
 from .codecs import Encoding
 from .codecs.bnb4 import Bnb4Encoding
 from .codecs.int8 import Int8Encoding
-from .engine import Progress, write_shards
+from .engine import Progress, ShardSink, write_shards
 from .errors import InputError, ResourceError
 from .formats.hf import HFModel, open_hf_model, read_json
+from .formats.litgpt import MODEL_FILE, open_litgpt_model, read_lora_run
 from .formats.safetensors import ShardWriter, read_header
 from .formats.tensor_ref import TensorRef
 from .formats.torchzip import read_state_dict
+from .formats.torchzip_writer import TorchZipWriter
+from .litgpt import plan_litgpt
 from .memory import current_rss, default_budget, parse_size, peak_rss
 from .output import PROVENANCE_FILE, check_destination, write_companions
-from .planner import Plan, describe_shortfall, make_plan
+from .planner import Plan, Shard, describe_shortfall, make_plan
 from .staging import job_id, promote, staging_for
 from .verification import Comparator, TensorCheck, VerifyReport
 
@@ -170,9 +174,13 @@ def inspect(path: PathLike) -> dict[str, Any]:
                 "replacements": sorted(adapter.replacements)}
     if path.is_dir():
         model = open_hf_model(path)
+        quantized = {n: src for n, src in model.sources.items() if not isinstance(src, TensorRef)}
         return {"path": str(path), "format": f"hf-{model.weight_format}", **_summarize_tensors(model.tensors),
                 "model_type": model.model_type, "architectures": model.config.get("architectures"),
                 "quantization": model.config.get("quantization_config"),
+                "quantized_weights": len(quantized),
+                "quantized_bytes_on_disk": sum(src.stored_bytes for src in quantized.values()),
+                "quantized_bytes_dequantized": sum(src.numel * src.dense_dtype.itemsize for src in quantized.values()),
                 "files": [p.name for p in model.weight_files]}
     if path.suffix == ".safetensors":
         header = read_header(path)
@@ -222,3 +230,66 @@ def _recorded_options(merged: Path) -> dict[str, Any]:
         return {}
     options = read_json(record).get("options", {})
     return options if isinstance(options, dict) else {}
+
+
+def merge_litgpt(lora_dir: PathLike, out: PathLike | None = None, *, base: PathLike | None = None,
+                 max_memory: str | int | None = None, dtype: str | None = None, format: str = "litgpt",
+                 max_shard_size: str | int = "5GB", overwrite: bool = False, allow_nonfinite: bool = False,
+                 progress: Progress | None = None) -> MergeResult:
+    """Merge a `litgpt finetune lora` run into its base as `litgpt merge_lora` does, streaming.
+
+    The base is the run's recorded `checkpoint_dir` unless `base` is given. `format="litgpt"` writes
+    `lit_model.pth` into the run folder (as LitGPT does; refused if one exists, unless `overwrite`), or a
+    complete checkpoint folder `out`; `format="hf"` writes a Hugging Face folder `out` with LitGPT's key map.
+    """
+    started = time.perf_counter()
+    if dtype is not None and dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    run = read_lora_run(Path(lora_dir))
+    base_model = open_litgpt_model(Path(base) if base is not None else run.base_dir)
+    if out is None and format != "litgpt":
+        raise InputError(f"--format {format} needs an output folder (-o)")
+    in_place = out is None or (Path(out).exists() and Path(out).samefile(run.path))
+    out_dir = run.path.absolute() if in_place else Path(out).absolute()
+    if not in_place:
+        if out_dir.exists() and out_dir.samefile(base_model.path):
+            raise InputError(f"{out_dir}: the output folder is the base checkpoint; choose another -o folder")
+        check_destination(out_dir, overwrite)
+    elif (out_dir / MODEL_FILE).exists() and not overwrite:
+        raise InputError(f"{out_dir / MODEL_FILE}: exists (merged before?); pass --overwrite to replace it")
+    probe = next((p for p in (out_dir, *out_dir.parents) if p.exists()), Path("/"))
+    job = plan_litgpt(run, base_model, out_dir, fmt=format, dtype=DTYPES.get(dtype or ""),
+                      budget=parse_size(max_memory) if max_memory is not None else default_budget(),
+                      baseline=current_rss(), disk_free=shutil.disk_usage(probe).free,
+                      max_shard_size=parse_size(max_shard_size))
+    shortfall = describe_shortfall(job)
+    if shortfall:
+        raise ResourceError(shortfall)
+    options = {"format": format, "dtype": dtype, "max_shard_size": job.max_shard_size}
+    record = _provenance(job, {**options, "max_memory": job.memory.budget})
+    metadata = {"format": "pt", "lorastream": json.dumps(record, separators=(",", ":"))}
+    inputs = [*base_model.weight_files, *run.companions(base_model),
+              *(p for p in run.path.iterdir() if p.is_file() and p.name != MODEL_FILE and p.name[0] != '.')]
+    target = out_dir / MODEL_FILE if in_place else out_dir
+    with staging_for(target, job_id(inputs, options, __version__), overwrite) as staging:
+        def open_sink(shard: Shard) -> ShardSink:
+            path = staging.path / shard.filename
+            if format == "hf":
+                return ShardWriter(path, shard.specs, metadata)
+            return TorchZipWriter(path, shard.specs)
+
+        write_shards(job, open_sink, progress or (lambda _n: None), finished=staging.finished(),
+                     on_committed=staging.record, allow_nonfinite=allow_nonfinite)
+        if in_place:
+            os.replace(staging.path / MODEL_FILE, target)
+            shutil.rmtree(staging.path)
+        elif format == "hf":
+            write_companions(job, staging.path, {**record, "shards": staging.shards})
+            promote(staging, out_dir)
+        else:
+            for path in run.companions(base_model):
+                shutil.copy2(path, staging.path / path.name)
+            (staging.path / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            promote(staging, out_dir)
+    files = [MODEL_FILE] if in_place else sorted(p.name for p in out_dir.iterdir())
+    return MergeResult(out_dir, files, job.total_size, time.perf_counter() - started, peak_rss(), job.memory.budget)

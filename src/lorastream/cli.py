@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -14,6 +15,8 @@ from tqdm import tqdm
 
 from . import api
 from .errors import LorastreamError
+from .formats.litgpt import is_lora_run
+from .formats.tensor_ref import TensorRef
 from .memory import format_size
 from .planner import Plan, describe_shortfall
 
@@ -72,7 +75,31 @@ def _with_job_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Options of `merge` and `merge-litgpt` that take a value, so their values are not read as positional folders.
+_VALUE_OPTIONS = {"-o", "--out", "--base", "--format", "--weights", "--max-memory", "--dtype", "--max-shard-size",
+                  "--quantize", "--trained-on"}
+
+
+class _Commands(click.Group):
+    """Routes `merge LORA_RUN_DIR` (one folder, holding lit_model.pth.lora) to `merge-litgpt`."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
+                                                                             list[str]]:
+        if args[:1] == ["merge"]:
+            positional, expects_value = [], False
+            for arg in args[1:]:
+                if expects_value:
+                    expects_value = False
+                elif arg.startswith("-"):
+                    expects_value = arg in _VALUE_OPTIONS
+                else:
+                    positional.append(arg)
+            if len(positional) == 1 and is_lora_run(Path(positional[0])):
+                args = ["merge-litgpt", *args[1:]]
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lorastream")
 def main() -> None:
     """Merge LoRA adapters into full models in bounded memory."""
@@ -119,6 +146,41 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
         click.echo(f"verified: {len(report.checks)} tensors match", err=True)
 
 
+@main.command("merge-litgpt")
+@click.argument("lora_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--out", type=click.Path(), help="Output folder (default for --format litgpt: lit_model.pth "
+              "in LORA_DIR, as litgpt merge_lora writes it).")
+@click.option("--format", "fmt", type=click.Choice(["litgpt", "hf"]), default="litgpt", show_default=True,
+              help="lit_model.pth, or a Hugging Face safetensors folder with LitGPT's key map and a config.json.")
+@click.option("--base", type=click.Path(file_okay=False),
+              help="Base checkpoint folder (default: checkpoint_dir in LORA_DIR/hyperparameters.yaml).")
+@click.option("--max-memory", help="Peak RSS budget for the whole process, e.g. 512MiB, 2GiB.")
+@click.option("--dtype", type=DTYPE_CHOICE, help="Merged dtype (default: the LoRA weights', as LitGPT).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (--format hf).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (only once the new one is complete).")
+@click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf in merged tensors instead of refusing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_reports_errors
+def merge_litgpt(lora_dir: str, out: str | None, fmt: str, base: str | None, max_memory: str | None,
+                 dtype: str | None, max_shard_size: str, overwrite: bool, allow_nonfinite: bool, as_json: bool,
+                 quiet: bool) -> None:
+    """Merge a `litgpt finetune lora` run (LORA_DIR: final/ or step-XXXXXX/) into its base, as litgpt merge_lora
+    does, in bounded memory. `lorastream merge LORA_DIR` runs this too."""
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr,
+              disable=quiet or not sys.stderr.isatty()) as bar:
+        result = api.merge_litgpt(lora_dir, out, base=base, max_memory=max_memory, dtype=dtype, format=fmt,
+                                  max_shard_size=max_shard_size, overwrite=overwrite,
+                                  allow_nonfinite=allow_nonfinite, progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        shown = result.out_dir / result.files[0] if out is None else result.out_dir
+        click.echo(f"wrote {shown} ({format_size(result.bytes_written)}) in {result.seconds:.1f} s", err=True)
+    click.echo(f"Memory used: peak RSS {format_size(result.peak_rss)} of a {format_size(result.budget)} budget",
+               err=True)
+
+
 def _plan_json(job: Plan) -> dict[str, Any]:
     return {"budget": job.memory.budget, "minimum_budget": job.memory.minimum, "baseline_rss": job.memory.baseline,
             "block_elements": job.memory.block_elements, "disk_needed": job.disk_needed, "disk_free": job.disk_free,
@@ -133,6 +195,10 @@ def _render_plan(job: Plan) -> str:
         f"base      {job.base.path} ({job.base.weight_format}, {len(job.base.tensors)} tensors)",
         *(f"adapter   {a.source} (weight {w:g}, {len(a.modules)} LoRA modules, "
           f"{len(a.replacements)} replaced tensors)" for a, w in job.adapters),
+        f"input     {format_size(sum(t.source.stored_bytes for t in job.tensors))} on disk, "
+        f"{format_size(sum(t.source.numel * t.source.dense_dtype.itemsize for t in job.tensors))} decoded"
+        + (f", {sum(not isinstance(t.source, TensorRef) for t in job.tensors)} quantized weights"
+           if any(not isinstance(t.source, TensorRef) for t in job.tensors) else ""),
         f"output    {job.out_dir}: {format_size(job.total_size)}, {len(job.tensors)} tensors "
         f"({merged} computed, {len(job.tensors) - merged} copied)",
         f"memory    budget {format_size(job.memory.budget)}, minimum {format_size(job.memory.minimum)} "
@@ -218,7 +284,7 @@ def inspect(path: str, as_json: bool, show_tensors: bool) -> None:
     modules = info.pop("modules", None)
     for key, value in info.items():
         if value not in (None, {}, []):
-            shown = format_size(value) if key == "bytes" else value
+            shown = format_size(value) if "bytes" in key and isinstance(value, int) else value
             click.echo(f"{key:16} {shown}")
     if modules:
         click.echo("modules")
