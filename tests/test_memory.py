@@ -61,3 +61,13 @@ def test_budget_below_minimum_is_refused_with_the_fitting_option(wide_case: Case
     assert "--max-memory" in done.stderr and "MiB or more" in done.stderr
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_quantized_output_and_qlora_round_trip_stay_within_budget(wide_case: Case, tmp_path: Path) -> None:
+    done = run_cli("merge", wide_case.base, wide_case.adapter, "-o", tmp_path / "out", "--max-memory", BUDGET,
+                   "--quantize", "nf4", "--trained-on", "nf4", "--json", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["peak_rss"] <= parse_size(BUDGET)
+    ours = load_output(tmp_path / "out")
+    assert ours["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
+    assert ours["lm_head.weight"].dtype == torch.bfloat16

@@ -157,6 +157,8 @@ def test_plan_and_inspect_know_quantized_tensors(case: Case, tmp_path: Path) -> 
     quantize(case.base, tmp_path / "q", **FOUR_BIT["nf4-double"])
     info = lorastream.inspect(tmp_path / "q")
     assert info["quantization"]["quant_method"] == "bitsandbytes"
+    assert info["quantized_weights"] == len(QUANTIZED_LINEARS)
+    assert 3 * info["quantized_bytes_on_disk"] < info["quantized_bytes_dequantized"]
     job = lorastream.plan(tmp_path / "q", case.adapter, tmp_path / "out", max_memory="1GiB")
     q_proj = next(t for t in job.tensors if t.name == "model.layers.0.self_attn.q_proj.weight")
     assert isinstance(q_proj.source, Bnb4Source)
