@@ -162,3 +162,86 @@ def test_nonfinite_merge_is_refused_unless_allowed(inputs: tuple[Path, Path], tm
     merged = load_file(tmp_path / "out" / next(p.name for p in (tmp_path / "out").glob("*.safetensors")
                                                    if "model.layers.1.mlp.up_proj.weight" in load_file(p)))
     assert torch.isnan(merged["model.layers.1.mlp.up_proj.weight"]).any()
+
+
+FAULT_SCRIPT = """
+import os, sys, runpy
+mode, limit = sys.argv[1], int(sys.argv[2])
+sys.argv = ["lorastream"] + sys.argv[3:]
+if mode == "die-after-bytes":  # an abrupt death (no cleanup at all, like kill -9) after `limit` bytes
+    real_write, real_copy = os.write, os.copy_file_range
+    state = {"left": limit}
+    def spend(n):
+        state["left"] -= n
+        if state["left"] < 0:
+            os._exit(137)
+    def write(fd, data):
+        spend(len(data))
+        return real_write(fd, data)
+    def copy_file_range(src, dst, count, *args):
+        spend(count)
+        return real_copy(src, dst, count, *args)
+    os.write, os.copy_file_range = write, copy_file_range
+elif mode == "fail-rename":  # the `limit`-th rename fails
+    real_replace = os.replace
+    state = {"n": 0}
+    def replace(a, b):
+        state["n"] += 1
+        if state["n"] == limit:
+            raise OSError(5, "Input/output error", str(b))
+        return real_replace(a, b)
+    os.replace = replace
+runpy.run_module("lorastream", run_name="__main__")
+"""
+
+
+def run_with_fault(tmp_path: Path, mode: str, limit: int, args: list[str],
+                   preexec: object = None) -> subprocess.CompletedProcess[str]:
+    script = tmp_path.parent / f"fault-{tmp_path.name}.py"
+    script.write_text(FAULT_SCRIPT)
+    return subprocess.run([sys.executable, str(script), mode, str(limit), *args[3:]], capture_output=True,
+                          text=True, preexec_fn=preexec)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("limit", [0, 1_000, 3 << 20, 11 << 20, 25 << 20, 47 << 20, 70 << 20, 84 << 20])
+def test_abrupt_death_after_k_bytes_then_rerun_is_bit_identical(inputs: tuple[Path, Path],
+                                                                reference: dict[str, bytes], tmp_path: Path,
+                                                                limit: int) -> None:
+    out = tmp_path / "out"
+    args = command(*inputs, out)
+    died = run_with_fault(tmp_path, "die-after-bytes", limit, args)
+    assert died.returncode == 137
+    assert not out.exists(), "no incomplete folder may pass as the output"
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert folder_bytes(out) == reference
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("nth", [1, 3, 10])
+def test_failing_rename_is_a_clean_refusal_and_rerun_completes(inputs: tuple[Path, Path],
+                                                               reference: dict[str, bytes], tmp_path: Path,
+                                                               nth: int) -> None:
+    out = tmp_path / "out"
+    args = command(*inputs, out)
+    failed = run_with_fault(tmp_path, "fail-rename", nth, args)
+    assert failed.returncode == 5, failed.stderr
+    assert "Input/output error" in failed.stderr and "Traceback" not in failed.stderr
+    assert not (out / "model.safetensors.index.json").exists()
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    assert folder_bytes(out) == reference
+
+
+def test_file_size_limit_exits_3_and_leaves_nothing(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    """RLIMIT_FSIZE makes writes past 5 MB fail with EFBIG, as a full or quota-limited disk would."""
+    import resource
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5 << 20, 5 << 20))
+
+    done = subprocess.run(command(*inputs, tmp_path / "out"), capture_output=True, text=True,
+                          preexec_fn=limit_file_size)
+    assert done.returncode == 3, done.stderr
+    assert "disk filled" in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []

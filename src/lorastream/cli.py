@@ -21,6 +21,7 @@ from .memory import format_size
 from .planner import Plan, describe_shortfall
 
 DTYPE_CHOICE = click.Choice(sorted(api.DTYPES))
+IO_ERROR = 5
 
 
 def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,6 +34,11 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except LorastreamError as exc:
             click.echo(f"lorastream: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # the system failed us (I/O error, permissions): the input was fine
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"lorastream: error: {where}{exc.strerror or exc}; the output folder is untouched",
+                       err=True)
+            sys.exit(IO_ERROR)
         except KeyboardInterrupt:
             click.echo("lorastream: interrupted; the output folder is untouched, and rerunning the same command "
                        "resumes from the shards already finished", err=True)

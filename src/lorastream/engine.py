@@ -332,6 +332,6 @@ def write_shards(plan: Plan, open_sink: Callable[[Shard], ShardSink], progress: 
             free = shutil.disk_usage(plan.out_dir.parent).free
             raise ResourceError(f"{plan.out_dir}: the disk filled while writing the output ({exc.strerror}); it needs "
                                 f"{format_size(plan.disk_needed)} in all, {format_size(free)} is free now") from exc
-        raise InputError(f"{getattr(exc, 'filename', None) or plan.out_dir}: {exc.strerror or exc}") from exc
+        raise
     finally:
         out.close()
