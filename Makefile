@@ -3,6 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch first, pinned to the CPU wheel this machine carries, so nothing pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# LitGPT, the reference for tests/test_litgpt.py, in its own environment: it pins an older huggingface-hub.
+LITGPT_VENV ?= .venv-litgpt
+LITGPT_SPEC ?= litgpt==0.5.13
 
 .PHONY: install demo test lint bench clean
 
@@ -15,10 +18,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+$(LITGPT_VENV)/bin/litgpt:
+	python3 -m venv $(LITGPT_VENV)
+	$(LITGPT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LITGPT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LITGPT_VENV)/bin/python -m pip install -q "$(LITGPT_SPEC)" "transformers<5"
+
 demo: install
 	$(VENV)/bin/lorastream demo
 
-test: install
+test: install $(LITGPT_VENV)/bin/litgpt
 	$(PY) -m pytest
 	$(VENV)/bin/ruff check src tests benchmarks
 
@@ -26,4 +35,4 @@ bench: install
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LITGPT_VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,97 @@
+"""Tensors assembled from row ranges of stored tensors: the q, k and v of a fused weight, re-interleaved heads.
+
+A row range of a stored tensor is itself stored contiguously (a shifted offset, a smaller shape), so
+splitting or reordering rows of a checkpoint costs no copy until the engine reads a block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .tensor_ref import TensorRef
+
+
+def slice_rows(ref: TensorRef, start: int, stop: int) -> TensorRef:
+    """Indices [start, stop) of dimension 0 of a stored tensor (elements of a 1-D one), still in its file."""
+    if not ref.shape or not 0 <= start <= stop <= ref.shape[0]:
+        raise InputError(f"{ref.path}: rows [{start}, {stop}) are outside tensor {ref.name!r} of shape "
+                         f"{list(ref.shape)}")
+    step = ref.nbytes // ref.shape[0] if ref.shape[0] else 0
+    return dataclasses.replace(ref, shape=(stop - start, *ref.shape[1:]), offset=ref.offset + start * step)
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """The concatenation along dimension 0 of stored pieces of one dtype, rounded to `dtype` when read.
+
+    Rounding on read is how LitGPT merges: it casts the whole model to the LoRA weights' dtype first, then
+    adds the update in that dtype. A source in the engine's sense (see `codecs.Source`).
+    """
+
+    name: str
+    pieces: tuple[TensorRef, ...]
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        first = self.pieces[0]
+        for piece in self.pieces[1:]:
+            if piece.dtype != first.dtype or piece.shape[1:] != first.shape[1:]:
+                raise InputError(f"{piece.path}: {piece.name!r} {piece.dtype} {list(piece.shape)} cannot be "
+                                 f"joined with {first.name!r} {first.dtype} {list(first.shape)}")
+
+    @property
+    def path(self) -> Path:
+        return self.pieces[0].path
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        return self.pieces[0].dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (sum(p.shape[0] for p in self.pieces), *self.pieces[0].shape[1:])
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.pieces)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if len(self.shape) > 1 else 1
+
+    @property
+    def row_elements(self) -> int:
+        return self.numel // self.rows if self.rows else 0
+
+    @property
+    def dense_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+    row_alignment = 1
+
+    @property
+    def decode_bytes_per_element(self) -> int:
+        """The stored bytes, plus the rounded copy when the dtypes differ."""
+        return self.stored_dtype.itemsize + (self.dtype.itemsize if self.dtype != self.stored_dtype else 0)
+
+    def read_rows(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor:
+        cols = self.row_elements
+        first, end = start * cols, stop * cols
+        itemsize = self.stored_dtype.itemsize
+        piece_start = 0
+        for piece in self.pieces:
+            low, high = max(first, piece_start), min(end, piece_start + piece.numel)
+            if low < high:
+                piece.read_elements_into(low - piece_start, high - low, buffer[(low - first) * itemsize:])
+            piece_start += piece.numel
+        rows = torch.frombuffer(buffer, dtype=self.stored_dtype, count=end - first).view(stop - start, cols)
+        return rows if self.dtype == self.stored_dtype else rows.to(self.dtype)
