@@ -194,7 +194,7 @@ def test_quantize_4bit_output_equals_bitsandbytes(case: Case, tmp_path: Path, qu
         assert torch.equal(ours[f"{name}.quant_map"], state.code), name
         quant_state = json.loads(bytes(ours[f"{name}.quant_state.bitsandbytes__{quant_type}"].tolist()))
         assert quant_state["shape"] == list(reference[name].shape)
-        assert quant_state["dtype"] == "bfloat16"
+        assert quant_state["dtype"] == "float32"  # what was quantized, as bitsandbytes records it
         if double_quant:
             assert torch.equal(ours[f"{name}.nested_absmax"], state.state2.absmax), name
             assert torch.equal(ours[f"{name}.nested_quant_map"], state.state2.code), name
@@ -208,7 +208,7 @@ def test_quantize_4bit_output_equals_bitsandbytes(case: Case, tmp_path: Path, qu
     assert isinstance(layer, bnb.nn.Linear4bit)
     packed, state = bnb.functional.quantize_4bit(reference["model.layers.1.mlp.down_proj.weight"], blocksize=64,
                                                  quant_type=quant_type, compress_statistics=double_quant)
-    expected = bnb.functional.dequantize_4bit(packed, state).to(torch.bfloat16)
+    expected = bnb.functional.dequantize_4bit(packed, state)
     assert torch.equal(bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state), expected)
     with torch.no_grad():
         assert torch.isfinite(loaded(torch.tensor([[1, 2, 3]])).logits).all()
@@ -268,3 +268,24 @@ def test_trained_on_refuses_a_quantized_base(case: Case, tmp_path: Path) -> None
     with pytest.raises(lorastream.InputError, match="already quantized"):
         lorastream.merge(tmp_path / "q", case.adapter, tmp_path / "out", trained_on="nf4")
     assert not (tmp_path / "out").exists()
+
+
+def test_quantized_output_logits_equal_peft_merge_quantized_the_same_way(case: Case, tmp_path: Path) -> None:
+    """PEFT's merge (in float32) saved and loaded by transformers with the same BitsAndBytesConfig gives the
+    same logits as lorastream's `--quantize nf4` output: both quantize the same float32 weights."""
+    from peft import PeftModel
+
+    lorastream.merge(case.base, case.adapter, tmp_path / "ours", quantize="nf4")
+    model = case.model_class.from_pretrained(case.base, dtype=torch.float32)
+    PeftModel.from_pretrained(model, case.adapter).merge_and_unload().save_pretrained(tmp_path / "peft")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "peft", quantization_config=config,
+                                                     dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32)
+    for param in ours.parameters():  # transformers keeps a pre-quantized model's dense tensors in its config dtype
+        if param.dtype == torch.bfloat16:
+            param.data = param.data.float()
+    tokens = torch.randint(0, 384, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(ours(tokens).logits, reference(tokens).logits)

@@ -255,7 +255,7 @@ class Bnb4Encoding:
         """bitsandbytes' quant state JSON; its length is fixed before the offset is known by padding with
         spaces (JSON whitespace) to the longest float repr."""
         state: dict[str, object] = {"quant_type": self.quant_type, "blocksize": self.blocksize,
-                                    "dtype": str(self.compute_dtype).removeprefix("torch."), "shape": list(shape)}
+                                    "dtype": "float32", "shape": list(shape)}
         if self.double_quant:
             state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0.0)
         longest = len(json.dumps(state)) - len("0.0") + len(repr(-2.2250738585072014e-308))
