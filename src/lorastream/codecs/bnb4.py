@@ -19,6 +19,7 @@ import torch
 
 from ..errors import InputError
 from ..formats.tensor_ref import TensorRef
+from .geometry import SameGeometry
 
 if TYPE_CHECKING:
     from . import Source
@@ -352,7 +353,7 @@ def tensor_bytes(tensor: torch.Tensor) -> bytearray:
 
 
 @dataclass
-class RoundTripSource:
+class RoundTripSource(SameGeometry):
     """A dense weight seen through bitsandbytes 4-bit, `dequantize(quantize(W))`: what a QLoRA adapter was
     trained against. Double quantization needs every block's absmax first, so the first read makes one
     pass over the tensor to collect them (numel / blocksize floats)."""
@@ -362,16 +363,12 @@ class RoundTripSource:
     _absmax: torch.Tensor | None = None
 
     @property
+    def _geometry(self) -> Source:
+        return self.inner
+
+    @property
     def name(self) -> str:
         return self.inner.name
-
-    @property
-    def path(self) -> Path:
-        return self.inner.path
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.inner.shape
 
     @property
     def dtype(self) -> torch.dtype:
@@ -380,18 +377,6 @@ class RoundTripSource:
     @property
     def dense_dtype(self) -> torch.dtype:
         return self.inner.dense_dtype
-
-    @property
-    def rows(self) -> int:
-        return self.inner.rows
-
-    @property
-    def row_elements(self) -> int:
-        return self.inner.row_elements
-
-    @property
-    def numel(self) -> int:
-        return self.inner.numel
 
     @property
     def stored_bytes(self) -> int:

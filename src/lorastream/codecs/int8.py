@@ -9,19 +9,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import torch
 
 from ..errors import InputError
 from ..formats.tensor_ref import TensorRef
 from .bnb4 import tensor_bytes
+from .geometry import SameGeometry
 
 INV_127 = 7.874015718698502e-3
 
 
 @dataclass(frozen=True)
-class Int8Source:
+class Int8Source(SameGeometry):
     """An int8 weight [out, in] and its per-row absmax `SCB` [out], row-major."""
 
     name: str
@@ -31,24 +31,8 @@ class Int8Source:
     dtype = torch.float32
 
     @property
-    def path(self) -> Path:
-        return self.weight.path
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.weight.shape
-
-    @property
-    def numel(self) -> int:
-        return self.weight.numel
-
-    @property
-    def rows(self) -> int:
-        return self.weight.rows
-
-    @property
-    def row_elements(self) -> int:
-        return self.weight.row_elements
+    def _geometry(self) -> TensorRef:
+        return self.weight
 
     @property
     def stored_bytes(self) -> int:
