@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import Case, build_case, load_output, peft_reference, tiny_llama
 
-from lorastream.memory import parse_size
-
-BUDGET = "320MiB"
+# The baseline (mostly `import torch`) varies with how much of libtorch the page cache holds (fault-around
+# maps cached pages), 220-290 MiB here, so budgets are set relative to what `plan` measures.
+WORKING_SPACE = 96 << 20
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +30,23 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
-def test_peak_rss_stays_within_budget(wide_case: Case, tmp_path: Path) -> None:
-    planned = json.loads(run_cli("plan", wide_case.base, wide_case.adapter, "-o", tmp_path / "out",
-                                 "--max-memory", BUDGET, "--json").stdout)
-    lm_head_bytes = 64000 * 1024 * 2
-    working = planned["budget"] - planned["baseline_rss"]
-    assert lm_head_bytes > working, "the test needs a tensor larger than the working budget"
-    assert planned["fits"]
+def budget_for(case: Case, tmp_path: Path, *extra: str) -> int:
+    """A budget leaving WORKING_SPACE above the baseline `plan` measures."""
+    planned = json.loads(run_cli("plan", case.base, case.adapter, "-o", tmp_path / "out", "--max-memory", "4GiB",
+                                 "--json", *extra).stdout)
+    return planned["baseline_rss"] + WORKING_SPACE
 
-    done = run_cli("merge", wide_case.base, wide_case.adapter, "-o", tmp_path / "out", "--max-memory", BUDGET,
+
+def test_peak_rss_stays_within_budget(wide_case: Case, tmp_path: Path) -> None:
+    budget = budget_for(wide_case, tmp_path)
+    lm_head_bytes = 64000 * 1024 * 2
+    assert lm_head_bytes > WORKING_SPACE, "the test needs a tensor larger than the working budget"
+
+    done = run_cli("merge", wide_case.base, wide_case.adapter, "-o", tmp_path / "out", "--max-memory", str(budget),
                    "--json", "--quiet")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["peak_rss"] <= parse_size(BUDGET)
+    assert summary["peak_rss"] <= budget
     assert "Memory used: peak RSS" in done.stderr
 
     ours = load_output(tmp_path / "out")
@@ -54,7 +58,7 @@ def test_peak_rss_stays_within_budget(wide_case: Case, tmp_path: Path) -> None:
 
 def test_budget_below_minimum_is_refused_with_the_fitting_option(wide_case: Case, tmp_path: Path) -> None:
     planned = json.loads(run_cli("plan", wide_case.base, wide_case.adapter, "-o", tmp_path / "out",
-                                 "--max-memory", BUDGET, "--json").stdout)
+                                 "--max-memory", "4GiB", "--json").stdout)
     too_small = planned["minimum_budget"] - (8 << 20)
     done = run_cli("merge", wide_case.base, wide_case.adapter, "-o", tmp_path / "out", "--max-memory", str(too_small))
     assert done.returncode == 3
@@ -64,10 +68,12 @@ def test_budget_below_minimum_is_refused_with_the_fitting_option(wide_case: Case
 
 
 def test_quantized_output_and_qlora_round_trip_stay_within_budget(wide_case: Case, tmp_path: Path) -> None:
-    done = run_cli("merge", wide_case.base, wide_case.adapter, "-o", tmp_path / "out", "--max-memory", BUDGET,
-                   "--quantize", "nf4", "--trained-on", "nf4", "--json", "--quiet")
+    options = ("--quantize", "nf4", "--trained-on", "nf4")
+    budget = budget_for(wide_case, tmp_path, *options)
+    done = run_cli("merge", wide_case.base, wide_case.adapter, "-o", tmp_path / "out", "--max-memory", str(budget),
+                   *options, "--json", "--quiet")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["peak_rss"] <= parse_size(BUDGET)
+    assert json.loads(done.stdout)["peak_rss"] <= budget
     ours = load_output(tmp_path / "out")
     assert ours["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
     assert ours["lm_head.weight"].dtype == torch.bfloat16

@@ -8,17 +8,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from conftest import Case, build_case, load_output, tiny_llama
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lorastream
 from lorastream.codecs.bnb4 import Bnb4Source
 from lorastream.codecs.int8 import Int8Source
 from lorastream.formats.hf import open_hf_model
-
-bnb = pytest.importorskip("bitsandbytes")
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 FOUR_BIT = {
     "nf4-double": dict(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
