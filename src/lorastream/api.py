@@ -28,6 +28,7 @@ from .formats.safetensors import ShardWriter, read_header
 from .formats.tensor_ref import TensorRef
 from .formats.torchzip import read_state_dict
 from .formats.torchzip_writer import TorchZipWriter
+from .litgpt import FORMATS as LITGPT_FORMATS
 from .litgpt import plan_litgpt
 from .memory import current_rss, default_budget, parse_size, peak_rss
 from .output import PROVENANCE_FILE, check_destination, write_companions
@@ -232,6 +233,25 @@ def _recorded_options(merged: Path) -> dict[str, Any]:
     return options if isinstance(options, dict) else {}
 
 
+def _litgpt_destination(run: Path, base: Path, out: PathLike | None, format: str,
+                        overwrite: bool) -> tuple[Path, bool]:
+    """Where a LitGPT merge writes, and whether that is `lit_model.pth` inside the run folder (LitGPT's place)."""
+    if format not in LITGPT_FORMATS:
+        raise InputError(f"--format {format!r}: expected one of {', '.join(LITGPT_FORMATS)}")
+    if out is None and format != "litgpt":
+        raise InputError(f"--format {format} needs an output folder (-o)")
+    out_dir = run.absolute() if out is None else Path(out).absolute()
+    if format == "litgpt" and out_dir.exists() and out_dir.samefile(run):
+        if (out_dir / MODEL_FILE).exists() and not overwrite:
+            raise InputError(f"{out_dir / MODEL_FILE}: exists (merged before?); pass --overwrite to replace it")
+        return out_dir, True
+    for path, what in ((run, "the LoRA run"), (base, "the base checkpoint")):
+        if out_dir.exists() and out_dir.samefile(path):
+            raise InputError(f"{out_dir}: the output folder is {what}; choose another -o folder")
+    check_destination(out_dir, overwrite)
+    return out_dir, False
+
+
 def merge_litgpt(lora_dir: PathLike, out: PathLike | None = None, *, base: PathLike | None = None,
                  max_memory: str | int | None = None, dtype: str | None = None, format: str = "litgpt",
                  max_shard_size: str | int = "5GB", overwrite: bool = False, allow_nonfinite: bool = False,
@@ -247,16 +267,7 @@ def merge_litgpt(lora_dir: PathLike, out: PathLike | None = None, *, base: PathL
         raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     run = read_lora_run(Path(lora_dir))
     base_model = open_litgpt_model(Path(base) if base is not None else run.base_dir)
-    if out is None and format != "litgpt":
-        raise InputError(f"--format {format} needs an output folder (-o)")
-    in_place = out is None or (Path(out).exists() and Path(out).samefile(run.path))
-    out_dir = run.path.absolute() if in_place else Path(out).absolute()
-    if not in_place:
-        if out_dir.exists() and out_dir.samefile(base_model.path):
-            raise InputError(f"{out_dir}: the output folder is the base checkpoint; choose another -o folder")
-        check_destination(out_dir, overwrite)
-    elif (out_dir / MODEL_FILE).exists() and not overwrite:
-        raise InputError(f"{out_dir / MODEL_FILE}: exists (merged before?); pass --overwrite to replace it")
+    out_dir, in_place = _litgpt_destination(run.path, base_model.path, out, format, overwrite)
     probe = next((p for p in (out_dir, *out_dir.parents) if p.exists()), Path("/"))
     job = plan_litgpt(run, base_model, out_dir, fmt=format, dtype=DTYPES.get(dtype or ""),
                       budget=parse_size(max_memory) if max_memory is not None else default_budget(),

@@ -24,7 +24,6 @@ HYPERPARAMETERS_FILE = "hyperparameters.yaml"
 # The files litgpt's `copy_config_files` carries from a checkpoint into a run folder.
 COMPANION_FILES = ("config.json", "generation_config.json", CONFIG_FILE, "tokenizer.json", "tokenizer.model",
                    "tokenizer_config.json")
-LORA_FLAGS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp", "lora_head")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -67,10 +66,6 @@ class Attention:
     @property
     def kv_size(self) -> int:
         return self.n_query_groups * self.head_size
-
-    @property
-    def rows(self) -> int:
-        return self.q_size + 2 * self.kv_size
 
     def groups(self, legacy: bool) -> list[dict[str, tuple[int, int]]]:
         """Per query group, the rows its q heads, its k head and its v head occupy in the fused weight.
@@ -142,7 +137,14 @@ class LoraRun:
         recorded = self.hyperparameters.get("checkpoint_dir")
         if not isinstance(recorded, str) or not recorded:
             raise InputError(f"{self.path / HYPERPARAMETERS_FILE}: no checkpoint_dir recorded; pass --base")
-        return Path(recorded)
+        path = Path(recorded)
+        # litgpt's `extend_checkpoint_dir`: a relative name may live under ./checkpoints/
+        if not path.is_dir() and not path.is_absolute() and path.parts[0] != "checkpoints":
+            path = Path("checkpoints") / path if (Path("checkpoints") / path).exists() else path
+        if not path.is_dir():
+            raise InputError(f"{self.path / HYPERPARAMETERS_FILE}: the base checkpoint it records, {recorded}, is "
+                             "not a folder here; pass --base")
+        return path
 
     def companions(self, base: HFModel) -> tuple[Path, ...]:
         """The files to ship with a merged checkpoint: the run's copies first, then the base's."""

@@ -102,6 +102,7 @@ class TorchZipWriter:
         self._done: list[_Entry] = []
         self._current: _Entry | None = None
         self._written = 0
+        self.crc32 = 0  # of the whole file so far, for the resume manifest
         self.fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         for name, data in (("data.pkl", state_dict_pickle(specs)), (".format_version", b"1"),
                            (".storage_alignment", str(ALIGNMENT).encode()), ("byteorder", b"little")):
@@ -111,8 +112,13 @@ class TorchZipWriter:
     def _name(self, record: str) -> bytes:
         return f"{self._prefix}/{record}".encode()
 
+    @property
+    def size(self) -> int:
+        return self._written
+
     def _raw(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
+        self.crc32 = zlib.crc32(view, self.crc32)
         while view:
             done = os.write(self.fd, view)
             view = view[done:]
