@@ -17,6 +17,15 @@ under ``WORKDIR/SIZE/``:
 ``manifest.json``
     Sizes and parameter counts; written last, so its presence marks a complete build.
 
+With ``--nf4`` (built only on request, after and apart from the above, which it leaves as they are):
+
+``hf-nf4/``
+    ``hf-base`` quantized to bitsandbytes NF4 by transformers on the CPU (double quantization, bf16 compute
+    dtype; ``lm_head`` and the embeddings stay bf16, as transformers leaves them), saved with
+    ``save_pretrained``, plus the tokenizer files of ``hf-base``. This is the checkpoint a QLoRA user has.
+``nf4-manifest.json``
+    Its quantization settings and size; written last, so its presence marks a complete NF4 build.
+
 The HF shards are written one shard at a time, each tensor generated just before it is needed, so the whole
 model is never in memory. The LitGPT base is read back from those shards (so both formats hold identical
 values); ``torch.save`` needs that state dict in memory at once, so building it costs about one model size of
@@ -24,6 +33,10 @@ RAM, in this process only.
 
 The LoRA values are drawn in bf16 and stored as fp32 in the PEFT adapter and as bf16 in the LitGPT one (what
 ``litgpt finetune lora --precision bf16-true`` saves), so the two adapters hold exactly the same numbers.
+
+Quantizing to NF4 loads the bf16 model into transformers, so it also costs about one model size of RAM, in this
+process only. The PEFT adapter serves both bases (QLoRA trains on the dequantized NF4 weights, with the same
+module names).
 """
 
 from __future__ import annotations
@@ -48,6 +61,8 @@ LORA_ALPHA = 32
 HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_SHARD_BYTES = 2_000_000_000
 DEFAULT_WORKDIR = Path("/tmp/lsbench")
+# How hf-nf4/ is quantized (plus bnb_4bit_compute_dtype=bfloat16): QLoRA's usual settings.
+NF4_SETTINGS = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
 
 
 @dataclass(frozen=True)
@@ -384,6 +399,52 @@ def model_dirs(workdir: Path, size: str) -> dict[str, Path]:
     }
 
 
+def nf4_dirs(workdir: Path, size: str) -> dict[str, Path]:
+    """The folder and marker file of one size's NF4 build (see the module docstring)."""
+    root = workdir / size
+    return {"hf_nf4": root / "hf-nf4", "manifest": root / "nf4-manifest.json"}
+
+
+def write_hf_nf4(hf_base: Path, folder: Path) -> None:
+    """Quantize ``hf_base`` to bitsandbytes NF4 with transformers on the CPU and ``save_pretrained`` it."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(**NF4_SETTINGS, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(hf_base, quantization_config=quantization, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    for path in sorted(hf_base.glob("tokenizer*")):
+        shutil.copy2(path, folder / path.name)
+
+
+def build_nf4(size: str, workdir: Path, seed: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES,
+              force: bool = False) -> dict[str, object]:
+    """Build ``hf-nf4/`` of one size (and its base first, if absent) unless already there; return its manifest.
+
+    A complete base build is left as it is; only ``hf-nf4/`` and ``nf4-manifest.json`` are (re)written.
+    """
+    build(size, workdir, seed, shard_bytes, force)
+    dirs = nf4_dirs(workdir, size)
+    if dirs["manifest"].is_file() and not force:
+        return json.loads(dirs["manifest"].read_text())
+    dirs["manifest"].unlink(missing_ok=True)
+    if dirs["hf_nf4"].exists():
+        shutil.rmtree(dirs["hf_nf4"])
+    started = time.monotonic()
+    print(f"[make_models] {size}: quantizing to NF4 -> {dirs['hf_nf4']}", flush=True)
+    write_hf_nf4(model_dirs(workdir, size)["hf_base"], dirs["hf_nf4"])
+    manifest: dict[str, object] = {
+        "size": size,
+        "quantization": {**NF4_SETTINGS, "bnb_4bit_compute_dtype": "bfloat16"},
+        "nf4_bytes": sum(p.stat().st_size for p in dirs["hf_nf4"].glob("*.safetensors")),
+        "build_seconds": round(time.monotonic() - started, 1),
+        "dir": str(dirs["hf_nf4"]),
+    }
+    dirs["manifest"].write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"[make_models] {size}: NF4 done in {manifest['build_seconds']} s", flush=True)
+    return manifest
+
+
 def build(size: str, workdir: Path, seed: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES,
           force: bool = False) -> dict[str, object]:
     """Build every artefact of one size unless a complete build is already there; return its manifest."""
@@ -432,9 +493,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES,
                         help="maximum bytes of one HF safetensors shard")
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
+    parser.add_argument("--nf4", action="store_true",
+                        help="also build hf-nf4/, the base quantized to NF4 by transformers + bitsandbytes")
     args = parser.parse_args(argv)
     for size in filter(None, (s.strip() for s in args.sizes.split(","))):
-        build(size, args.workdir.resolve(), args.seed, args.shard_bytes, args.force)
+        if args.nf4:
+            build_nf4(size, args.workdir.resolve(), args.seed, args.shard_bytes, args.force)
+        else:
+            build(size, args.workdir.resolve(), args.seed, args.shard_bytes, args.force)
     return 0
 
 

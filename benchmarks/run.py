@@ -1,4 +1,4 @@
-"""Benchmark ``lorastream merge`` against ``cp -r``, PEFT and ``litgpt merge_lora``.
+"""Benchmark ``lorastream merge`` against ``cp -r``, PEFT and ``litgpt merge_lora``, and on an NF4 base against PEFT.
 
 For every size it builds the synthetic models if absent (``make_models.py``, in a separate process so its
 memory is gone before timing starts), then runs each tool ``--repeats`` times, interleaved (one run of every
@@ -6,6 +6,10 @@ tool per round), each under ``/usr/bin/time -v`` in a fresh process. Before ever
 removed, ``sync`` is called, and the tool's inputs are read once with ``cat > /dev/null`` so every tool starts
 from a warm page cache; none of that is timed. Wall time and peak RSS come from GNU time's "Elapsed (wall
 clock) time" and "Maximum resident set size".
+
+The NF4 case (tools ``lorastream-nf4`` and ``peft-nf4``) merges the same adapter into ``hf-nf4/``, the base
+quantized to bitsandbytes NF4 by transformers (built on first use, only when one of these tools is selected),
+and writes a dense bf16 model: lorastream within ``--max-memory``, PEFT by loading, dequantizing and merging.
 
 Writes ``results.json``, ``results.md`` and ``results.png`` into ``--results-dir`` (default: this folder).
 
@@ -34,8 +38,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TIME_BIN = Path("/usr/bin/time")
 MIB = 1024 * 1024
-TOOLS = ("cp", "lorastream", "peft", "litgpt")
-TOOL_LABELS = {"cp": "cp -r", "lorastream": "lorastream", "peft": "PEFT", "litgpt": "LitGPT"}
+TOOLS = ("cp", "lorastream", "peft", "litgpt", "lorastream-nf4", "peft-nf4")
+TOOL_LABELS = {"cp": "cp -r", "lorastream": "lorastream", "peft": "PEFT", "litgpt": "LitGPT",
+               "lorastream-nf4": "lorastream NF4", "peft-nf4": "PEFT NF4"}
+# Tools whose base is the NF4 checkpoint (hf-nf4/, built only when one of them is selected).
+NF4_TOOLS = ("lorastream-nf4", "peft-nf4")
 # Child processes must never try to reach a model hub (there is no network here; they would hang on retries).
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -146,8 +153,8 @@ def tools_for(size: str, dirs: dict[str, str], out_root: Path, paths: Paths, bud
     """The commands benchmarked on one size's models."""
     hf_base, adapter = Path(dirs["hf_base"]), Path(dirs["peft_adapter"])
     litgpt_base, litgpt_lora = Path(dirs["litgpt_base"]), Path(dirs["litgpt_lora"])
-    out = {name: out_root / f"{size}-{name}" for name in ("cp", "lorastream", "peft")}
-    return {
+    out = {name: out_root / f"{size}-{name}" for name in ("cp", "lorastream", "peft", *NF4_TOOLS)}
+    tools = {
         "cp": Tool("cp", ["cp", "-r", str(hf_base), str(out["cp"])], [hf_base], out["cp"]),
         "lorastream": Tool(
             "lorastream",
@@ -170,6 +177,24 @@ def tools_for(size: str, dirs: dict[str, str], out_root: Path, paths: Paths, bud
             litgpt_lora / "lit_model.pth",
         ),
     }
+    if "hf_nf4" in dirs:
+        hf_nf4 = Path(dirs["hf_nf4"])
+        # Both read the NF4 checkpoint and write a dense bf16 model.
+        tools["lorastream-nf4"] = Tool(
+            "lorastream-nf4",
+            [str(paths.lorastream), "merge", str(hf_nf4), str(adapter), "-o", str(out["lorastream-nf4"]),
+             "--max-memory", budget],
+            [hf_nf4, adapter],
+            out["lorastream-nf4"],
+        )
+        tools["peft-nf4"] = Tool(
+            "peft-nf4",
+            [str(paths.python), str(HERE / "peft_merge.py"), "--quantized", str(hf_nf4), str(adapter),
+             str(out["peft-nf4"])],
+            [hf_nf4, adapter],
+            out["peft-nf4"],
+        )
+    return tools
 
 
 def run_once(tool: Tool, log_stem: Path, timeout: float | None) -> RunResult:
@@ -237,7 +262,8 @@ def summarize(runs: list[RunResult], argv: list[str]) -> dict[str, Any]:
 
 
 def ratios(tools: dict[str, dict[str, Any]], budget_mib: float) -> dict[str, float | None]:
-    """lorastream's time relative to each peer and its peak RSS relative to the memory budget."""
+    """lorastream's time relative to each peer and its peak RSS relative to the memory budget (and the same for
+    the NF4 case, against PEFT)."""
 
     def value(name: str, key: str) -> float | None:
         entry = tools.get(name, {})
@@ -248,6 +274,7 @@ def ratios(tools: dict[str, dict[str, Any]], budget_mib: float) -> dict[str, flo
 
     ls_time = value("lorastream", "median_wall_s")
     ls_rss = value("lorastream", "median_peak_rss_mib")
+    nf4_rss = value("lorastream-nf4", "median_peak_rss_mib")
     return {
         "lorastream_over_peft_time": ratio(ls_time, value("peft", "median_wall_s")),
         "lorastream_over_cp_time": ratio(ls_time, value("cp", "median_wall_s")),
@@ -256,18 +283,35 @@ def ratios(tools: dict[str, dict[str, Any]], budget_mib: float) -> dict[str, flo
         "budget_mib": budget_mib,
         "lorastream_rss_over_budget": ratio(ls_rss, budget_mib),
         "peft_over_lorastream_rss": ratio(value("peft", "median_peak_rss_mib"), ls_rss),
+        "lorastream_nf4_over_peft_nf4_time": ratio(value("lorastream-nf4", "median_wall_s"),
+                                                   value("peft-nf4", "median_wall_s")),
+        "lorastream_nf4_peak_rss_mib": nf4_rss,
+        "lorastream_nf4_max_peak_rss_mib": value("lorastream-nf4", "max_peak_rss_mib"),
+        "lorastream_nf4_rss_over_budget": ratio(nf4_rss, budget_mib),
+        "peft_nf4_peak_rss_mib": value("peft-nf4", "median_peak_rss_mib"),
+        "peft_nf4_over_lorastream_nf4_rss": ratio(value("peft-nf4", "median_peak_rss_mib"), nf4_rss),
     }
 
 
-def build_models(size: str, workdir: Path, python: Path) -> dict[str, Any]:
-    """Build one size's models in a separate process (so their memory is freed) and return the manifest."""
+def build_models(size: str, workdir: Path, python: Path, nf4: bool = False) -> dict[str, Any]:
+    """Build one size's models in a separate process (so their memory is freed) and return the manifest.
+
+    With ``nf4``, ``hf-nf4/`` is built too if absent (an existing base build is kept as it is); its own manifest
+    (``nf4-manifest.json``) goes under ``"nf4"`` and its folder under ``dirs["hf_nf4"]``.
+    """
     manifest = workdir / size / "manifest.json"
-    if not manifest.is_file():
+    nf4_manifest = workdir / size / "nf4-manifest.json"
+    if not manifest.is_file() or (nf4 and not nf4_manifest.is_file()):
         subprocess.run(
-            [str(python), str(HERE / "make_models.py"), "--sizes", size, "--workdir", str(workdir)],
+            [str(python), str(HERE / "make_models.py"), "--sizes", size, "--workdir", str(workdir),
+             *(["--nf4"] if nf4 else [])],
             check=True, env={**os.environ, **CHILD_ENV},
         )
-    return json.loads(manifest.read_text())
+    model = json.loads(manifest.read_text())
+    if nf4:
+        model["nf4"] = json.loads(nf4_manifest.read_text())
+        model["dirs"]["hf_nf4"] = model["nf4"]["dir"]
+    return model
 
 
 def capture(argv: list[str]) -> str:
@@ -307,7 +351,8 @@ def machine_info(paths: Paths) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "mem_gib": round(mem_kib / MIB, 1),
         "versions": {
-            "main": versions(paths.python, ["lorastream", "torch", "transformers", "peft", "safetensors"]),
+            "main": versions(paths.python, ["lorastream", "torch", "transformers", "peft", "safetensors",
+                                            "bitsandbytes"]),
             "litgpt": versions(litgpt_python, ["litgpt", "torch", "lightning"]),
         },
     }
@@ -337,7 +382,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             "",
             f"hidden {spec['hidden']}, intermediate {spec['intermediate']}, {spec['layers']} layers, "
             f"{spec['heads']} heads / {spec['kv_heads']} kv heads, vocab {spec['vocab']}; "
-            f"LoRA r={model['lora_r']}, alpha={model['lora_alpha']} on all 7 projections.",
+            f"LoRA r={model['lora_r']}, alpha={model['lora_alpha']} on all 7 projections."
+            + (f" NF4 base (`NF4` rows): {model['nf4']['nf4_bytes'] / 1e9:.2f} GB, bitsandbytes NF4 with double "
+               "quantization, made by transformers; output dense bf16." if "nf4" in model else ""),
             "",
             "| tool | status | wall time (s) | min-max (s) | peak RSS (MiB) | output (GB) |",
             "|---|---|---:|---:|---:|---:|",
@@ -355,16 +402,29 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 f"{fmt(tool['median_peak_rss_mib'], '.0f')} | {fmt(out_gb, '.2f')} |"
             )
         r = entry["ratios"]
-        lines += [
-            "",
-            f"- lorastream / PEFT wall time: {fmt(r['lorastream_over_peft_time'], '.2f', 'x')}",
-            f"- lorastream / cp -r wall time: {fmt(r['lorastream_over_cp_time'], '.2f', 'x')}",
-            f"- lorastream / LitGPT wall time: {fmt(r['lorastream_over_litgpt_time'], '.2f', 'x')}",
-            f"- lorastream peak RSS: {fmt(r['lorastream_peak_rss_mib'], '.0f')} MiB of a "
-            f"{fmt(r['budget_mib'], '.0f')} MiB budget ({fmt(r['lorastream_rss_over_budget'], '.2f', 'x')}); "
-            f"PEFT uses {fmt(r['peft_over_lorastream_rss'], '.1f', 'x')} as much",
-            "",
-        ]
+        lines.append("")
+        if set(entry["tools"]) - set(NF4_TOOLS):
+            lines += [
+                f"- lorastream / PEFT wall time: {fmt(r['lorastream_over_peft_time'], '.2f', 'x')}",
+                f"- lorastream / cp -r wall time: {fmt(r['lorastream_over_cp_time'], '.2f', 'x')}",
+                f"- lorastream / LitGPT wall time: {fmt(r['lorastream_over_litgpt_time'], '.2f', 'x')}",
+                f"- lorastream peak RSS: {fmt(r['lorastream_peak_rss_mib'], '.0f')} MiB of a "
+                f"{fmt(r['budget_mib'], '.0f')} MiB budget ({fmt(r['lorastream_rss_over_budget'], '.2f', 'x')}); "
+                f"PEFT uses {fmt(r['peft_over_lorastream_rss'], '.1f', 'x')} as much",
+            ]
+        if set(entry["tools"]) & set(NF4_TOOLS):
+            worst = r["lorastream_nf4_max_peak_rss_mib"]
+            verdict = ("" if worst is None else
+                       "; every run within the budget" if worst <= r["budget_mib"] else
+                       f"; OVER the budget (worst run {worst:.0f} MiB)")
+            lines += [
+                f"- NF4: lorastream / PEFT wall time: {fmt(r['lorastream_nf4_over_peft_nf4_time'], '.2f', 'x')}",
+                f"- NF4: lorastream peak RSS: {fmt(r['lorastream_nf4_peak_rss_mib'], '.0f')} MiB of a "
+                f"{fmt(r['budget_mib'], '.0f')} MiB budget ({fmt(r['lorastream_nf4_rss_over_budget'], '.2f', 'x')})"
+                f"{verdict}; PEFT: {fmt(r['peft_nf4_peak_rss_mib'], '.0f')} MiB, "
+                f"{fmt(r['peft_nf4_over_lorastream_nf4_rss'], '.1f', 'x')} as much",
+            ]
+        lines.append("")
     path.write_text("\n".join(lines))
 
 
@@ -397,7 +457,8 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
                     ax.text(x, 0.02, "failed", rotation=90, ha="center", va="bottom", fontsize=8,
                             color="red", transform=ax.get_xaxis_transform())
                     continue
-                ax.bar(x, tool[key], width, color=f"C{TOOLS.index(name)}", label=TOOL_LABELS[name])
+                ax.bar(x, tool[key], width, color=f"C{TOOLS.index(name)}", label=TOOL_LABELS[name],
+                       hatch="//" if name in NF4_TOOLS else None, edgecolor="white" if name in NF4_TOOLS else None)
                 ax.annotate(text(tool[key]), (x, tool[key]), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(sizes)), sizes)
         ax.set_ylabel(label)
@@ -409,8 +470,9 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
     for ax in axes:
         for handle, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, handle)
-    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles), frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    rows = 1 if len(handles) <= 5 else 2
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=-(-len(handles) // rows), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92 if rows == 1 else 0.87))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
@@ -431,7 +493,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "sizes": {},
     }
     for size in args.sizes:
-        manifest = build_models(size, workdir, paths.python)
+        manifest = build_models(size, workdir, paths.python, nf4=any(t in NF4_TOOLS for t in args.tools))
         tools = tools_for(size, manifest["dirs"], workdir / "out", paths, args.max_memory)
         selected = {name: tools[name] for name in args.tools}
         runs: dict[str, list[RunResult]] = {name: [] for name in selected}
@@ -443,7 +505,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 runs[name].append(result)
                 shown = (f"failed (exit {result.exit_status}): {result.error}" if result.error else
                          f"{result.wall_s:.2f} s, {(result.peak_rss_kib or 0) / 1024:.0f} MiB")
-                print(f"[{size}] {TOOL_LABELS[name]:<10} run {rep}/{args.repeats}: {shown}", flush=True)
+                print(f"[{size}] {TOOL_LABELS[name]:<14} run {rep}/{args.repeats}: {shown}", flush=True)
         summaries = {name: summarize(runs[name], selected[name].argv) for name in selected}
         results["sizes"][size] = {
             "model": manifest,

@@ -20,7 +20,7 @@ import torch
 
 from .errors import InputError, ResourceError
 from .formats.tensor_ref import TensorRef
-from .memory import format_size
+from .memory import format_size, keep_heap_bounded
 from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan, Shard
 
 Progress = Callable[[int], None]
@@ -309,6 +309,7 @@ def write_shards(plan: Plan, open_sink: Callable[[Shard], ShardSink], progress: 
     written, then `on_committed(filename, size, crc32)` runs there too (for sinks that are files), while the
     next shard is already being computed.
     """
+    keep_heap_bounded()
     buffers = _Buffers(plan)
     out = _WriteBehind(buffers.out_bytes)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import re
 import resource
 from pathlib import Path
@@ -93,3 +94,20 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# glibc raises its mmap threshold each time a large block is freed, after which same-sized temporaries come
+# from the heap and freed ones stay resident: measured 650 MiB peak instead of 270 MiB decoding NF4 in 1M
+# element blocks. Fixing the threshold (any explicit value turns the adjustment off) keeps large
+# temporaries in their own mappings, returned to the system when freed.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 4 << 20
+
+
+def keep_heap_bounded() -> None:
+    """Stop glibc's heap from growing with freed block-sized temporaries (no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass

@@ -106,14 +106,26 @@ class Bnb4Source:
         if first % self.blocksize:
             raise AssertionError(f"{self.name}: row block {start} is not aligned to {self.blocksize}-value blocks")
         raw = _read_bytes(self.packed, first // 2, (count + 1) // 2, buffer)
-        nibbles = torch.empty(raw.numel() * 2, dtype=torch.int64)
-        nibbles[0::2] = raw >> 4
-        nibbles[1::2] = raw & 0xF
-        values = self._code[nibbles[:count]]
-        first_block = first // self.blocksize
-        blocks = math.ceil(count / self.blocksize)
-        scale = self._absmax(first_block, blocks).repeat_interleave(self.blocksize)[:count]
-        return (values * scale).to(self.dtype).view(stop - start, cols)
+        values = self._pairs[raw.long()].view(-1)[:count]  # one lookup gives both nibbles of a byte
+        absmax = self._absmax(first // self.blocksize, math.ceil(count / self.blocksize))
+        return scale_blocks(values, absmax, self.blocksize).to(self.dtype).view(stop - start, cols)
+
+    @cached_property
+    def _pairs(self) -> torch.Tensor:
+        """code[high nibble], code[low nibble] of every byte value: a [256, 2] table."""
+        byte = torch.arange(256)
+        return torch.stack((self._code[byte >> 4], self._code[byte & 0xF]), dim=1)
+
+
+def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values[i] * absmax[i // blocksize] (float32), broadcasting over whole blocks."""
+    full = values.numel() - values.numel() % blocksize
+    out = torch.empty_like(values)
+    torch.mul(values[:full].view(-1, blocksize), absmax[: full // blocksize].view(-1, 1),
+              out=out[:full].view(-1, blocksize))
+    if full < values.numel():
+        torch.mul(values[full:], absmax[-1], out=out[full:])
+    return out
 
 
 def _read_bytes(ref: TensorRef, first_byte: int, count: int, buffer: memoryview) -> torch.Tensor:
@@ -417,5 +429,6 @@ class RoundTripSource(SameGeometry):
         codes, _ = quantizer.codes(values)
         first_block = start * self.row_elements // self.encoding.blocksize
         blocks = math.ceil(values.numel() / self.encoding.blocksize)
-        scale = absmax[first_block:first_block + blocks].repeat_interleave(self.encoding.blocksize)[: values.numel()]
-        return (quantizer.code[codes.long()] * scale).to(self.dtype).view(values.shape)
+        decoded = scale_blocks(quantizer.code[codes.long()], absmax[first_block:first_block + blocks],
+                               self.encoding.blocksize)
+        return decoded.to(self.dtype).view(values.shape)
