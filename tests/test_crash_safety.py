@@ -245,3 +245,24 @@ def test_file_size_limit_exits_3_and_leaves_nothing(inputs: tuple[Path, Path], t
     assert done.returncode == 3, done.stderr
     assert "disk filled" in done.stderr and "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("num_hidden_layers", 7, "num_hidden_layers is 7, the weights hold 4 layers"),
+    ("hidden_size", 1024, "hidden_size is 1024, tensor 'model.embed_tokens.weight' has shape [32000, 512]"),
+    ("vocab_size", 32001, "vocab_size is 32001"),
+])
+def test_config_disagreeing_with_tensors_is_refused(inputs: tuple[Path, Path], tmp_path: Path, field: str,
+                                                    value: int, message: str) -> None:
+    base, adapter = inputs
+    copy = tmp_path / "base"
+    copy.mkdir()
+    for path in base.iterdir():
+        os.link(path, copy / path.name)  # hard links: symlinks out of the folder are refused
+    config = json.loads((base / "config.json").read_text())
+    (copy / "config.json").unlink()
+    (copy / "config.json").write_text(json.dumps({**config, field: value}))
+    done = subprocess.run(command(copy, adapter, tmp_path / "out"), capture_output=True, text=True)
+    assert done.returncode == 2
+    assert message in done.stderr and "config.json" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()

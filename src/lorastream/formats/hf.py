@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,4 +101,27 @@ def open_hf_model(folder: Path) -> HFModel:
     companions = tuple(sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                               and p.name != "config.json" and not p.name.endswith(WEIGHT_SUFFIXES)))
     dense = _CONFIG_DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float16", torch.float16)
-    return HFModel(folder, config, tensors, group_sources(tensors, dense), fmt, tuple(files), companions)
+    sources = group_sources(tensors, dense)
+    check_config_matches(folder / "config.json", config, sources)
+    return HFModel(folder, config, tensors, sources, fmt, tuple(files), companions)
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def check_config_matches(path: Path, config: dict[str, Any], sources: dict[str, Source]) -> None:
+    """Refuse a base whose config.json disagrees with its tensors (layer count, hidden size, vocabulary):
+    transformers would fail or silently drop weights when loading the merged output."""
+    layers = {int(m.group(1)) for name in sources if (m := _LAYER_INDEX.search(name))}
+    declared = config.get("num_hidden_layers", config.get("n_layer"))
+    if layers and isinstance(declared, int) and max(layers) + 1 != declared:
+        raise InputError(f"{path}: num_hidden_layers is {declared}, the weights hold {max(layers) + 1} layers")
+    embedding = next((s for name, s in sources.items() if name.endswith(_EMBEDDINGS) and len(s.shape) == 2), None)
+    if embedding is None:
+        return
+    for field, axis in (("hidden_size", 1), ("n_embd", 1), ("vocab_size", 0)):
+        value = config.get(field)
+        if isinstance(value, int) and embedding.shape[axis] != value:
+            raise InputError(f"{path}: {field} is {value}, tensor {embedding.name!r} has shape "
+                             f"{list(embedding.shape)}")
