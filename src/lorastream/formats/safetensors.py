@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .atomic import AtomicFile
 from .tensor_ref import TensorRef
 
 DTYPES: dict[str, torch.dtype] = {
@@ -148,10 +149,10 @@ class ShardWriter:
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str]):
         self.path = path
-        self.temp_path = path.with_name(f".{path.name}.partial")
+        self._file = AtomicFile(path)
+        self.temp_path, self.fd = self._file.temp_path, self._file.fd
         header = encode_header(specs, metadata)
         self._expected = len(header) + sum(spec.nbytes for spec in specs)
-        self.fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._written = 0
         self.crc32 = 0  # of everything written so far, for the resume manifest
         self.write(header)
@@ -196,10 +197,7 @@ class ShardWriter:
     def commit(self) -> None:
         if self._written != self._expected:
             raise AssertionError(f"{self.path}: wrote {self._written} bytes, expected {self._expected}")
-        os.fsync(self.fd)
-        os.close(self.fd)
-        os.replace(self.temp_path, self.path)
+        self._file.finish()
 
     def abort(self) -> None:
-        os.close(self.fd)
-        self.temp_path.unlink(missing_ok=True)
+        self._file.discard()

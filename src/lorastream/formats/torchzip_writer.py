@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .atomic import AtomicFile
 from .safetensors import TensorSpec
 from .torchzip import _STORAGE_DTYPES
 
@@ -95,7 +96,8 @@ class TorchZipWriter:
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = path
-        self.temp_path = path.with_name(f".{path.name}.partial")
+        self._file = AtomicFile(path)
+        self.temp_path, self.fd = self._file.temp_path, self._file.fd
         self._prefix = path.stem
         self._pending = [_Entry(self._name(f"data/{i}"), spec.nbytes) for i, spec in enumerate(specs)]
         self._pending.reverse()
@@ -103,7 +105,6 @@ class TorchZipWriter:
         self._current: _Entry | None = None
         self._written = 0
         self.crc32 = 0  # of the whole file so far, for the resume manifest
-        self.fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         for name, data in (("data.pkl", state_dict_pickle(specs)), (".format_version", b"1"),
                            (".storage_alignment", str(ALIGNMENT).encode()), ("byteorder", b"little")):
             self._record(name, data)
@@ -187,13 +188,10 @@ class TorchZipWriter:
             raise AssertionError(f"{self.path}: committed before every tensor was written")
         self._record("version", b"3\n")
         self._raw(self._central_directory())
-        os.fsync(self.fd)
-        os.close(self.fd)
-        os.replace(self.temp_path, self.path)
+        self._file.finish()
 
     def abort(self) -> None:
-        os.close(self.fd)
-        self.temp_path.unlink(missing_ok=True)
+        self._file.discard()
 
     def _central_directory(self) -> bytes:
         start = self._written

@@ -1,0 +1,24 @@
+"""A file written under a temporary name beside its final one, fsynced and renamed only when complete."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class AtomicFile:
+    """The part both shard writers share: open `.NAME.partial`, then `finish` (fsync, rename) or `discard`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.temp_path = path.with_name(f".{path.name}.partial")
+        self.fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        os.replace(self.temp_path, self.path)
+
+    def discard(self) -> None:
+        os.close(self.fd)
+        self.temp_path.unlink(missing_ok=True)
