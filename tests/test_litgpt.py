@@ -29,7 +29,6 @@ from lorastream.cli import main
 from lorastream.errors import InputError
 from lorastream.formats.safetensors import TensorSpec
 from lorastream.formats.torchzip import read_state_dict
-from lorastream.memory import parse_size
 
 LITGPT_PYTHON = Path(__file__).resolve().parents[1] / ".venv-litgpt" / "bin" / "python"
 LLAMA = dict(name="tiny-llama", block_size=64, vocab_size=384, padded_vocab_size=384, n_layer=2, n_head=4,
@@ -112,14 +111,19 @@ def test_lit_model_pth_equals_litgpt_merge_lora(litgpt_cases: Path, case: str) -
 
 
 def test_peak_rss_stays_within_budget(litgpt_cases: Path, tmp_path: Path) -> None:
-    """A checkpoint of about 3/4 of the budget (lm_head and wte 125 MiB each) merges within it, interpreter and
-    torch included: tensors pass in row blocks, nothing is loaded whole."""
-    run, budget = litgpt_cases / "wide_bf16" / "run", "320MiB"
-    assert (litgpt_cases / "wide_bf16" / "base" / "lit_model.pth").stat().st_size > 0.75 * parse_size(budget)
+    """lm_head and wte (125 MiB each) exceed the working space the budget leaves above the interpreter and
+    torch, yet the merge stays within it: tensors pass in row blocks, nothing is loaded whole. The baseline
+    varies with the page cache (220-290 MiB), so the budget is set from a measured one."""
+    probe = subprocess.run([sys.executable, "-c", "import lorastream.cli, psutil; "
+                            "print(psutil.Process().memory_info().rss)"], capture_output=True, text=True, check=True)
+    working = 96 << 20
+    budget = int(probe.stdout) + working
+    run = litgpt_cases / "wide_bf16" / "run"
+    assert working < 64000 * 1024 * 2
     done = subprocess.run([sys.executable, "-m", "lorastream", "merge", str(run), "-o", str(tmp_path / "out"),
-                           "--max-memory", budget, "--json", "-q"], capture_output=True, text=True, check=False)
+                           "--max-memory", str(budget), "--json", "-q"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["peak_rss"] <= parse_size(budget)
+    assert json.loads(done.stdout)["peak_rss"] <= budget
     reference = torch.load(litgpt_cases / "wide_bf16" / "reference" / "lit_model.pth", weights_only=True, mmap=True)
     assert_identical(torch.load(tmp_path / "out" / "lit_model.pth", weights_only=True, mmap=True), reference)
 
