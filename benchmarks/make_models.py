@@ -8,6 +8,9 @@ under ``WORKDIR/SIZE/``:
     safetensors shards (plus ``model.safetensors.index.json`` when sharded) and a tiny placeholder tokenizer.
 ``peft-adapter/``
     A PEFT LoRA adapter (r=16, alpha=32, all seven linear projections of every layer), fp32.
+``peft-adapter-2/`` to ``peft-adapter-4/``
+    Three more adapters like it, with other random values (for ``lorastream merge BASE --each A1 A2 A3 A4``).
+    A build made before they existed gets them added on its next use.
 ``litgpt-base/``
     The same base weights as a LitGPT checkpoint: ``lit_model.pth``, ``model_config.yaml``, tokenizer files.
 ``litgpt-lora/``
@@ -60,6 +63,11 @@ LORA_R = 16
 LORA_ALPHA = 32
 HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_SHARD_BYTES = 2_000_000_000
+# Sizes whose HF shards are larger than DEFAULT_SHARD_BYTES: 7b is sharded as save_pretrained does (5 GB).
+SHARD_BYTES = {"7b": 5_000_000_000}
+# Adapters besides peft-adapter/, for the multi-output case; adapter k is drawn from seed + k * EXTRA_SEED_STEP.
+EXTRA_ADAPTERS = 3
+EXTRA_SEED_STEP = 1000
 DEFAULT_WORKDIR = Path("/tmp/lsbench")
 # How hf-nf4/ is quantized (plus bnb_4bit_compute_dtype=bfloat16): QLoRA's usual settings.
 NF4_SETTINGS = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
@@ -99,6 +107,10 @@ class ModelSpec:
             "down_proj": (h, i),
         }
 
+    def merged_bytes(self) -> int:
+        """bf16 bytes of the weights the adapters change (the seven projections of every layer)."""
+        return 2 * self.layers * sum(o * i for o, i in self.linear_shapes().values())
+
     def n_params(self) -> int:
         """Number of parameters of the base model (untied embeddings and head)."""
         per_layer = sum(o * i for o, i in self.linear_shapes().values()) + 2 * self.hidden
@@ -112,6 +124,8 @@ SPECS: dict[str, ModelSpec] = {
     "2gb": ModelSpec(hidden=2048, intermediate=5632, layers=18, heads=32, kv_heads=8),
     # ~4.0B params, ~8.0 GB bf16 (Llama-2-7B widths, fewer layers).
     "8gb": ModelSpec(hidden=4096, intermediate=11008, layers=21, heads=32, kv_heads=8),
+    # ~6.74B params, ~13.5 GB bf16: Llama-2-7B's shapes (multi-head attention, no GQA).
+    "7b": ModelSpec(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32),
 }
 
 
@@ -395,8 +409,23 @@ def model_dirs(workdir: Path, size: str) -> dict[str, Path]:
         "peft_adapter": root / "peft-adapter",
         "litgpt_base": root / "litgpt-base",
         "litgpt_lora": root / "litgpt-lora",
+        **{f"peft_adapter_{k}": root / f"peft-adapter-{k}" for k in range(2, EXTRA_ADAPTERS + 2)},
         "manifest": root / "manifest.json",
     }
+
+
+def extra_adapter_dirs(dirs: dict[str, Path]) -> list[Path]:
+    """The extra adapters' folders, in order (``peft-adapter-2/`` first)."""
+    return [dirs[f"peft_adapter_{k}"] for k in range(2, EXTRA_ADAPTERS + 2)]
+
+
+def write_extra_adapters(size: str, workdir: Path, seed: int) -> None:
+    """Write the extra PEFT adapters that are missing (``adapter_config.json`` is written last)."""
+    dirs = model_dirs(workdir, size)
+    for k, folder in enumerate(extra_adapter_dirs(dirs), start=2):
+        if not (folder / "adapter_config.json").is_file():
+            write_peft_adapter(folder, SPECS[size], seed + (k - 1) * EXTRA_SEED_STEP, dirs["hf_base"])
+            print(f"  wrote {folder.name}", flush=True)
 
 
 def nf4_dirs(workdir: Path, size: str) -> dict[str, Path]:
@@ -417,7 +446,7 @@ def write_hf_nf4(hf_base: Path, folder: Path) -> None:
         shutil.copy2(path, folder / path.name)
 
 
-def build_nf4(size: str, workdir: Path, seed: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES,
+def build_nf4(size: str, workdir: Path, seed: int = 0, shard_bytes: int | None = None,
               force: bool = False) -> dict[str, object]:
     """Build ``hf-nf4/`` of one size (and its base first, if absent) unless already there; return its manifest.
 
@@ -445,24 +474,35 @@ def build_nf4(size: str, workdir: Path, seed: int = 0, shard_bytes: int = DEFAUL
     return manifest
 
 
-def build(size: str, workdir: Path, seed: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES,
+def build(size: str, workdir: Path, seed: int = 0, shard_bytes: int | None = None,
           force: bool = False) -> dict[str, object]:
-    """Build every artefact of one size unless a complete build is already there; return its manifest."""
+    """Build every artefact of one size unless a complete build is already there; return its manifest.
+
+    ``shard_bytes`` defaults to the size's ``SHARD_BYTES`` entry, else ``DEFAULT_SHARD_BYTES``.
+    """
     if size not in SPECS:
         raise SystemExit(f"unknown size {size!r}; known: {', '.join(SPECS)}")
     spec = SPECS[size]
     dirs = model_dirs(workdir, size)
     if dirs["manifest"].is_file() and not force:
-        return json.loads(dirs["manifest"].read_text())
+        manifest = json.loads(dirs["manifest"].read_text())
+        write_extra_adapters(size, workdir, manifest.get("seed", seed))
+        refreshed = {**manifest, "merged_bytes": spec.merged_bytes(),
+                     "dirs": {k: str(v) for k, v in dirs.items() if k not in ("root", "manifest")}}
+        if refreshed != manifest:  # a build from before the extra adapters
+            manifest = refreshed
+            dirs["manifest"].write_text(json.dumps(manifest, indent=2) + "\n")
+        return manifest
     if dirs["root"].exists():
         shutil.rmtree(dirs["root"])
     name = f"lsbench-{size}"
     started = time.monotonic()
     print(f"[make_models] {size}: {spec.n_params() / 1e9:.3f}B params -> {dirs['root']}", flush=True)
-    base_bytes = write_hf_base(dirs["hf_base"], spec, seed, shard_bytes)
+    base_bytes = write_hf_base(dirs["hf_base"], spec, seed, shard_bytes or SHARD_BYTES.get(size, DEFAULT_SHARD_BYTES))
     write_tokenizer(dirs["hf_base"])
     adapter_bytes = write_peft_adapter(dirs["peft_adapter"], spec, seed, dirs["hf_base"])
     print("  wrote PEFT adapter", flush=True)
+    write_extra_adapters(size, workdir, seed)
     write_litgpt_base(dirs["litgpt_base"], spec, dirs["hf_base"], name)
     print("  wrote LitGPT base", flush=True)
     write_litgpt_lora(dirs["litgpt_lora"], spec, seed, dirs["litgpt_base"], name)
@@ -472,6 +512,7 @@ def build(size: str, workdir: Path, seed: int = 0, shard_bytes: int = DEFAULT_SH
         "spec": asdict(spec),
         "n_params": spec.n_params(),
         "base_bytes": base_bytes,
+        "merged_bytes": spec.merged_bytes(),
         "adapter_bytes": adapter_bytes,
         "lora_r": LORA_R,
         "lora_alpha": LORA_ALPHA,
@@ -490,8 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="tiny", help=f"comma-separated, of: {', '.join(SPECS)}")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES,
-                        help="maximum bytes of one HF safetensors shard")
+    parser.add_argument("--shard-bytes", type=int, default=None,
+                        help=f"maximum bytes of one HF safetensors shard (default: {DEFAULT_SHARD_BYTES}, "
+                        f"7b: {SHARD_BYTES['7b']})")
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     parser.add_argument("--nf4", action="store_true",
                         help="also build hf-nf4/, the base quantized to NF4 by transformers + bitsandbytes")

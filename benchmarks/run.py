@@ -7,6 +7,12 @@ removed, ``sync`` is called, and the tool's inputs are read once with ``cat > /d
 from a warm page cache; none of that is timed. Wall time and peak RSS come from GNU time's "Elapsed (wall
 clock) time" and "Maximum resident set size".
 
+``lorastream-litgpt`` merges the LitGPT run that ``litgpt merge_lora`` merges, side by side with it;
+``lorastream-each4`` writes four merged models (the adapter and three more like it) in one pass with
+``--each``, to compare with the single merge. The compute floor of the merge arithmetic (``floor.py``) is
+measured once, before the runs; with ``cp -r``'s time as the I/O floor it tells how close lorastream gets to
+what the machine allows. A run whose output would not fit on the disk is skipped, and reported so.
+
 The NF4 case (tools ``lorastream-nf4`` and ``peft-nf4``) merges the same adapter into ``hf-nf4/``, the base
 quantized to bitsandbytes NF4 by transformers (built on first use, only when one of these tools is selected),
 and writes a dense bf16 model: lorastream within ``--max-memory``, PEFT by loading, dequantizing and merging.
@@ -38,9 +44,19 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TIME_BIN = Path("/usr/bin/time")
 MIB = 1024 * 1024
-TOOLS = ("cp", "lorastream", "peft", "litgpt", "lorastream-nf4", "peft-nf4")
-TOOL_LABELS = {"cp": "cp -r", "lorastream": "lorastream", "peft": "PEFT", "litgpt": "LitGPT",
-               "lorastream-nf4": "lorastream NF4", "peft-nf4": "PEFT NF4"}
+TOOLS = ("cp", "cp-sync", "lorastream", "peft", "litgpt", "lorastream-litgpt", "lorastream-each4", "lorastream-nf4",
+         "peft-nf4")
+TOOL_LABELS = {"cp": "cp -r", "cp-sync": "cp -r + sync", "lorastream": "lorastream", "peft": "PEFT",
+               "litgpt": "LitGPT", "lorastream-litgpt": "lorastream LitGPT",
+               "lorastream-each4": "lorastream x4 (--each)", "lorastream-nf4": "lorastream NF4", "peft-nf4": "PEFT NF4"}
+SIZES = ("tiny", "2gb", "8gb", "7b")
+# Adapters merged by lorastream-each4: the one every other tool merges, then make_models.py's three extra ones.
+EACH_ADAPTERS = ("peft_adapter", "peft_adapter_2", "peft_adapter_3", "peft_adapter_4")
+# Free disk kept beyond a run's expected output before it is started.
+DISK_MARGIN = 2 * 10**9
+# The README section run.py --readme regenerates, between these two lines.
+README_START = "<!-- benchmark results: written by benchmarks/run.py --readme README.md -->"
+README_END = "<!-- end of benchmark results -->"
 # Tools whose base is the NF4 checkpoint (hf-nf4/, built only when one of them is selected).
 NF4_TOOLS = ("lorastream-nf4", "peft-nf4")
 # Child processes must never try to reach a model hub (there is no network here; they would hang on retries).
@@ -64,6 +80,7 @@ class Tool:
     argv: list[str]
     inputs: list[Path]
     output: Path
+    output_bytes: int = 0  # expected size of the output, to check the free disk before running
 
 
 @dataclass
@@ -149,13 +166,18 @@ def warm_page_cache(paths: list[Path]) -> None:
         subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
 
 
-def tools_for(size: str, dirs: dict[str, str], out_root: Path, paths: Paths, budget: str) -> dict[str, Tool]:
-    """The commands benchmarked on one size's models."""
+def tools_for(size: str, model: dict[str, Any], out_root: Path, paths: Paths, budget: str) -> dict[str, Tool]:
+    """The commands benchmarked on one size's models (``model``: its manifest)."""
+    dirs = model["dirs"]
     hf_base, adapter = Path(dirs["hf_base"]), Path(dirs["peft_adapter"])
     litgpt_base, litgpt_lora = Path(dirs["litgpt_base"]), Path(dirs["litgpt_lora"])
-    out = {name: out_root / f"{size}-{name}" for name in ("cp", "lorastream", "peft", *NF4_TOOLS)}
+    each = [Path(dirs[key]) for key in EACH_ADAPTERS]
+    out = {name: out_root / f"{size}-{name}" for name in TOOLS if name != "litgpt"}
     tools = {
         "cp": Tool("cp", ["cp", "-r", str(hf_base), str(out["cp"])], [hf_base], out["cp"]),
+        # The copy made durable, as lorastream's output is (it fsyncs every shard): sync FILE... fsyncs each.
+        "cp-sync": Tool("cp-sync", ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', str(hf_base), str(out["cp-sync"])],
+                        [hf_base], out["cp-sync"]),
         "lorastream": Tool(
             "lorastream",
             [str(paths.lorastream), "merge", str(hf_base), str(adapter), "-o", str(out["lorastream"]),
@@ -176,6 +198,22 @@ def tools_for(size: str, dirs: dict[str, str], out_root: Path, paths: Paths, bud
             [litgpt_base / "lit_model.pth", litgpt_lora],
             litgpt_lora / "lit_model.pth",
         ),
+        # The same run; the base comes from its hyperparameters.yaml (checkpoint_dir), as for litgpt.
+        "lorastream-litgpt": Tool(
+            "lorastream-litgpt",
+            [str(paths.lorastream), "merge", str(litgpt_lora), "-o", str(out["lorastream-litgpt"]),
+             "--max-memory", budget],
+            [litgpt_base / "lit_model.pth", litgpt_lora],
+            out["lorastream-litgpt"],
+        ),
+        "lorastream-each4": Tool(
+            "lorastream-each4",
+            [str(paths.lorastream), "merge", str(hf_base), "--each", *map(str, each), "-o",
+             str(out["lorastream-each4"]), "--max-memory", budget],
+            [hf_base, *each],
+            out["lorastream-each4"],
+            output_bytes=len(each) * model["base_bytes"],
+        ),
     }
     if "hf_nf4" in dirs:
         hf_nf4 = Path(dirs["hf_nf4"])
@@ -194,12 +232,19 @@ def tools_for(size: str, dirs: dict[str, str], out_root: Path, paths: Paths, bud
             [hf_nf4, adapter],
             out["peft-nf4"],
         )
+    for tool in tools.values():  # every output but --each's is one model
+        tool.output_bytes = tool.output_bytes or model["base_bytes"]
     return tools
 
 
 def run_once(tool: Tool, log_stem: Path, timeout: float | None) -> RunResult:
-    """Run ``tool`` once under ``/usr/bin/time -v`` from a clean output and a warm cache."""
+    """Run ``tool`` once under ``/usr/bin/time -v`` from a clean output and a warm cache; skip it (as failed) if
+    its output would leave less than ``DISK_MARGIN`` free."""
     remove(tool.output)
+    free = shutil.disk_usage(tool.output.parent).free
+    if free < tool.output_bytes + DISK_MARGIN:
+        return RunResult(exit_status=-1, error=f"skipped: its output needs {tool.output_bytes / 1e9:.1f} GB (+ "
+                         f"{DISK_MARGIN / 1e9:.0f} GB margin) of disk, {free / 1e9:.1f} GB is free")
     subprocess.run(["sync"], check=False)
     warm_page_cache(tool.inputs)
     logs = {k: str(log_stem.with_suffix(f".{k}")) for k in ("stdout", "stderr", "time")}
@@ -261,9 +306,11 @@ def summarize(runs: list[RunResult], argv: list[str]) -> dict[str, Any]:
     return summary
 
 
-def ratios(tools: dict[str, dict[str, Any]], budget_mib: float) -> dict[str, float | None]:
+def ratios(tools: dict[str, dict[str, Any]], budget_mib: float, model: dict[str, Any],
+           compute_gbps: float | None) -> dict[str, float | None]:
     """lorastream's time relative to each peer and its peak RSS relative to the memory budget (and the same for
-    the NF4 case, against PEFT)."""
+    the LitGPT, multi-output and NF4 cases), and its time relative to the floor: the slower of copying the base
+    (``cp -r``'s time) and merging its adapted weights at ``compute_gbps`` (``floor.py``'s blocked merge)."""
 
     def value(name: str, key: str) -> float | None:
         entry = tools.get(name, {})
@@ -275,6 +322,14 @@ def ratios(tools: dict[str, dict[str, Any]], budget_mib: float) -> dict[str, flo
     ls_time = value("lorastream", "median_wall_s")
     ls_rss = value("lorastream", "median_peak_rss_mib")
     nf4_rss = value("lorastream-nf4", "median_peak_rss_mib")
+    lit_rss = value("lorastream-litgpt", "median_peak_rss_mib")
+    each_rss = value("lorastream-each4", "median_peak_rss_mib")
+    floor_io = value("cp", "median_wall_s")
+    floor_durable_io = value("cp-sync", "median_wall_s")
+    floor_compute = model["merged_bytes"] / 1e9 / compute_gbps if compute_gbps else None
+    # no floor without its I/O part: the arithmetic alone is never the whole job
+    floor = max(floor_io, floor_compute or 0.0) if floor_io else None
+    floor_durable = max(floor_durable_io, floor_compute or 0.0) if floor_durable_io else None
     return {
         "lorastream_over_peft_time": ratio(ls_time, value("peft", "median_wall_s")),
         "lorastream_over_cp_time": ratio(ls_time, value("cp", "median_wall_s")),
@@ -290,6 +345,23 @@ def ratios(tools: dict[str, dict[str, Any]], budget_mib: float) -> dict[str, flo
         "lorastream_nf4_rss_over_budget": ratio(nf4_rss, budget_mib),
         "peft_nf4_peak_rss_mib": value("peft-nf4", "median_peak_rss_mib"),
         "peft_nf4_over_lorastream_nf4_rss": ratio(value("peft-nf4", "median_peak_rss_mib"), nf4_rss),
+        "lorastream_litgpt_over_litgpt_time": ratio(value("lorastream-litgpt", "median_wall_s"),
+                                                    value("litgpt", "median_wall_s")),
+        "lorastream_litgpt_peak_rss_mib": lit_rss,
+        "lorastream_litgpt_rss_over_budget": ratio(lit_rss, budget_mib),
+        "litgpt_over_lorastream_litgpt_rss": ratio(value("litgpt", "median_peak_rss_mib"), lit_rss),
+        "each4_over_lorastream_time": ratio(value("lorastream-each4", "median_wall_s"), ls_time),
+        "each4_peak_rss_mib": each_rss,
+        "each4_rss_over_budget": ratio(each_rss, budget_mib),
+        "floor_io_s": floor_io,
+        "floor_durable_io_s": floor_durable_io,
+        "floor_compute_s": floor_compute,
+        "floor_s": floor,
+        "floor_durable_s": floor_durable,
+        "lorastream_gbps": ratio(model["base_bytes"] / 1e9, ls_time),
+        "lorastream_over_floor_time": ratio(ls_time, floor),
+        "lorastream_over_durable_floor_time": ratio(ls_time, floor_durable),
+        "lorastream_over_cp_sync_time": ratio(ls_time, floor_durable_io),
     }
 
 
@@ -301,17 +373,23 @@ def build_models(size: str, workdir: Path, python: Path, nf4: bool = False) -> d
     """
     manifest = workdir / size / "manifest.json"
     nf4_manifest = workdir / size / "nf4-manifest.json"
-    if not manifest.is_file() or (nf4 and not nf4_manifest.is_file()):
-        subprocess.run(
-            [str(python), str(HERE / "make_models.py"), "--sizes", size, "--workdir", str(workdir),
-             *(["--nf4"] if nf4 else [])],
-            check=True, env={**os.environ, **CHILD_ENV},
-        )
+    # Always run: it returns at once for a complete build, and adds what an older build lacks.
+    subprocess.run(
+        [str(python), str(HERE / "make_models.py"), "--sizes", size, "--workdir", str(workdir),
+         *(["--nf4"] if nf4 else [])],
+        check=True, env={**os.environ, **CHILD_ENV},
+    )
     model = json.loads(manifest.read_text())
     if nf4:
         model["nf4"] = json.loads(nf4_manifest.read_text())
         model["dirs"]["hf_nf4"] = model["nf4"]["dir"]
     return model
+
+
+def measure_floor(python: Path) -> dict[str, Any]:
+    """``floor.py``'s compute floor (in a separate process, like every timed tool); empty if it fails."""
+    text = capture([str(python), str(HERE / "floor.py"), "--json"])
+    return json.loads(text.splitlines()[-1]) if text else {}
 
 
 def capture(argv: list[str]) -> str:
@@ -374,6 +452,15 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "warm page cache; wall time and peak RSS from `/usr/bin/time -v`.",
         "",
     ]
+    compute = results.get("floor", {}).get("compute")
+    if compute:
+        lines += [
+            f"Compute floor (`benchmarks/floor.py`, {compute['threads']} threads): merging a rank-{compute['rank']} "
+            f"LoRA into a {compute['rows']}x{compute['cols']} bf16 weight runs at {compute['blocked_gbps']:.2f} GB/s "
+            f"in row blocks with the engine's kernel ({compute['naive_gbps']:.2f} GB/s as one whole-tensor fp32 "
+            "merge). A size's floor is the slower of `cp -r` (the I/O floor) and its adapted weights at that rate.",
+            "",
+        ]
     for size, entry in results["sizes"].items():
         model = entry["model"]
         spec = model["spec"]
@@ -411,6 +498,28 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 f"- lorastream peak RSS: {fmt(r['lorastream_peak_rss_mib'], '.0f')} MiB of a "
                 f"{fmt(r['budget_mib'], '.0f')} MiB budget ({fmt(r['lorastream_rss_over_budget'], '.2f', 'x')}); "
                 f"PEFT uses {fmt(r['peft_over_lorastream_rss'], '.1f', 'x')} as much",
+                f"- lorastream throughput: {fmt(r['lorastream_gbps'], '.2f', ' GB/s')}; floor: max(cp -r "
+                f"{fmt(r['floor_io_s'], '.2f', ' s')}, compute {fmt(r['floor_compute_s'], '.2f', ' s')}) = "
+                f"{fmt(r['floor_s'], '.2f', ' s')}; lorastream takes "
+                f"{fmt(r['lorastream_over_floor_time'], '.2f', 'x')} the floor",
+                f"- durable floor (the output on disk, as lorastream leaves it): max(cp -r + sync "
+                f"{fmt(r['floor_durable_io_s'], '.2f', ' s')}, compute {fmt(r['floor_compute_s'], '.2f', ' s')}) = "
+                f"{fmt(r['floor_durable_s'], '.2f', ' s')}; lorastream takes "
+                f"{fmt(r['lorastream_over_durable_floor_time'], '.2f', 'x')} it",
+            ]
+        if "lorastream-litgpt" in entry["tools"]:
+            lines += [
+                f"- LitGPT run: lorastream / `litgpt merge_lora` wall time: "
+                f"{fmt(r['lorastream_litgpt_over_litgpt_time'], '.2f', 'x')}; lorastream peak RSS "
+                f"{fmt(r['lorastream_litgpt_peak_rss_mib'], '.0f')} MiB "
+                f"({fmt(r['lorastream_litgpt_rss_over_budget'], '.2f', 'x')} the budget); LitGPT uses "
+                f"{fmt(r['litgpt_over_lorastream_litgpt_rss'], '.1f', 'x')} as much",
+            ]
+        if "lorastream-each4" in entry["tools"]:
+            lines += [
+                f"- `--each` with 4 adapters (4 outputs, one pass) / one lorastream merge, wall time: "
+                f"{fmt(r['each4_over_lorastream_time'], '.2f', 'x')} (4 separate merges: 4x); peak RSS "
+                f"{fmt(r['each4_peak_rss_mib'], '.0f')} MiB ({fmt(r['each4_rss_over_budget'], '.2f', 'x')} the budget)",
             ]
         if set(entry["tools"]) & set(NF4_TOOLS):
             worst = r["lorastream_nf4_max_peak_rss_mib"]
@@ -426,6 +535,15 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             ]
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def update_readme(readme: Path, markdown: str) -> None:
+    """Replace the lines between README_START and README_END with ``results.md`` less its title, its headings
+    one level down (they sit under the README's "Benchmarks" section)."""
+    lines = readme.read_text().splitlines()
+    start, end = lines.index(README_START), lines.index(README_END)
+    body = [("#" + ln if ln.startswith("## ") else ln) for ln in markdown.splitlines() if not ln.startswith("# ")]
+    readme.write_text("\n".join([*lines[: start + 1], "", *body, "", *lines[end:]]) + "\n")
 
 
 def write_plot(results: dict[str, Any], path: Path) -> bool:
@@ -490,12 +608,15 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats,
         "budget": args.max_memory,
         "budget_mib": budget_mib,
+        "floor": measure_floor(paths.python),
         "sizes": {},
     }
+    compute_gbps = results["floor"].get("compute", {}).get("blocked_gbps")
     for size in args.sizes:
-        manifest = build_models(size, workdir, paths.python, nf4=any(t in NF4_TOOLS for t in args.tools))
-        tools = tools_for(size, manifest["dirs"], workdir / "out", paths, args.max_memory)
-        selected = {name: tools[name] for name in args.tools}
+        names = [name for name in args.tools if f"{size}:{name}" not in args.skip]
+        manifest = build_models(size, workdir, paths.python, nf4=any(t in NF4_TOOLS for t in names))
+        tools = tools_for(size, manifest, workdir / "out", paths, args.max_memory)
+        selected = {name: tools[name] for name in names}
         runs: dict[str, list[RunResult]] = {name: [] for name in selected}
         for rep in range(1, args.repeats + 1):
             for name, tool in selected.items():
@@ -505,12 +626,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 runs[name].append(result)
                 shown = (f"failed (exit {result.exit_status}): {result.error}" if result.error else
                          f"{result.wall_s:.2f} s, {(result.peak_rss_kib or 0) / 1024:.0f} MiB")
-                print(f"[{size}] {TOOL_LABELS[name]:<14} run {rep}/{args.repeats}: {shown}", flush=True)
+                print(f"[{size}] {TOOL_LABELS[name]:<22} run {rep}/{args.repeats}: {shown}", flush=True)
         summaries = {name: summarize(runs[name], selected[name].argv) for name in selected}
         results["sizes"][size] = {
             "model": manifest,
             "tools": summaries,
-            "ratios": ratios(summaries, budget_mib),
+            "ratios": ratios(summaries, budget_mib, manifest, compute_gbps),
         }
     return results
 
@@ -518,7 +639,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="2gb,8gb", help="comma-separated sizes (tiny, 2gb, 8gb)")
+    parser.add_argument("--sizes", default="2gb,8gb", help=f"comma-separated sizes ({', '.join(SIZES)})")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per tool and size")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lsbench"),
                         help="where models, outputs and logs go")
@@ -526,7 +647,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="where results.json/.md/.png are written")
     parser.add_argument("--tools", default=",".join(TOOLS),
                         help=f"comma-separated subset of {','.join(TOOLS)}")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated SIZE:TOOL pairs not to run, e.g. 7b:lorastream-nf4,7b:peft-nf4")
     parser.add_argument("--max-memory", default="512MiB", help="lorastream's --max-memory budget")
+    parser.add_argument("--readme", type=Path,
+                        help="also replace the results section of this README (between its benchmark-results "
+                        "marker lines) with the new tables")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds before a run is killed")
     parser.add_argument("--python", type=Path, default=ROOT / ".venv" / "bin" / "python",
                         help="python with torch, transformers and peft (runs PEFT and make_models.py)")
@@ -538,6 +664,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.tools) - set(TOOLS))
     if unknown:
         parser.error(f"unknown tools: {', '.join(unknown)}")
+    unknown = sorted(set(args.sizes) - set(SIZES))
+    if unknown:
+        parser.error(f"unknown sizes: {', '.join(unknown)}")
+    args.skip = {pair.strip() for pair in args.skip.split(",") if pair.strip()}
+    unknown = sorted(p for p in args.skip if p.partition(":")[0] not in SIZES or p.partition(":")[2] not in TOOLS)
+    if unknown:
+        parser.error(f"--skip: not SIZE:TOOL pairs of known sizes and tools: {', '.join(unknown)}")
+    if args.readme and not {README_START, README_END} <= set(args.readme.read_text().splitlines()):
+        parser.error(f"{args.readme} lacks the marker lines {README_START!r} and {README_END!r}")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     parse_size(args.max_memory)
@@ -549,8 +684,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.results_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, args.results_dir / "results.md")
     plotted = write_plot(results, args.results_dir / "results.png")
-    written = ["results.json", "results.md", *(["results.png"] if plotted else [])]
-    print(f"wrote {', '.join(str(args.results_dir / n) for n in written)}")
+    written = [args.results_dir / n for n in ("results.json", "results.md", *(["results.png"] if plotted else []))]
+    if args.readme:
+        update_readme(args.readme, (args.results_dir / "results.md").read_text())
+        written.append(args.readme)
+    print(f"wrote {', '.join(map(str, written))}")
     print((args.results_dir / "results.md").read_text())
     return 0
 

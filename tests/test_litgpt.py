@@ -16,6 +16,7 @@ import subprocess
 import sys
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,185 @@ def test_a_sliver_of_a_fused_part_rounds_as_the_whole_part() -> None:
     for start, stop in [(0, 11), (11, 17), (17, 100), (100, 105), (105, 107)]:
         delta.add_rows(work[start:stop], scratch, start, stop)
     assert torch.equal(work[10:106], (b @ a) * 0.75) and not work[:10].any() and not work[106:].any()
+
+
+def _copy_run(source: Path, target: Path, **hyperparameters: object) -> Path:
+    """A copy of a LoRA run without a merged lit_model.pth, with some hyperparameters changed."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("lit_model.pth"))
+    recorded = yaml.safe_load((target / "hyperparameters.yaml").read_text())
+    (target / "hyperparameters.yaml").write_text(yaml.safe_dump({**recorded, **hyperparameters}))
+    return target
+
+
+def test_plan_and_inspect_describe_litgpt_folders(litgpt_cases: Path, tmp_path: Path) -> None:
+    case = litgpt_cases / "q_only_mixed"
+    run = _copy_run(case / "run", tmp_path / "run")
+    runner = CliRunner()
+    planned = runner.invoke(main, ["plan", str(run), "--json"])
+    assert planned.exit_code == 0, planned.output
+    merged = torch.load(case / "reference" / "lit_model.pth", weights_only=True)
+    plan = json.loads(planned.output)
+    assert [s["file"] for s in plan["shards"]] == ["lit_model.pth"] and plan["fits"]
+    assert plan["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
+    hf = runner.invoke(main, ["plan", "--max-shard-size", "100KB", str(run), "-o", str(tmp_path / "hf"), "--format",
+                              "hf"])
+    assert hf.exit_code == 0, hf.output
+    assert "model-00001-of-" in hf.output and "model.layers.0.self_attn.q_proj.weight" in hf.output
+    too_small = runner.invoke(main, ["plan", str(run), "--max-memory", "1MiB"])
+    assert too_small.exit_code == 3 and "--max-memory" in too_small.output
+    assert not (run / "lit_model.pth").exists() and not (tmp_path / "hf").exists()
+
+    lora = torch.load(run / "lit_model.pth.lora", weights_only=True)["model"]
+    info = api.inspect(run)
+    assert info["format"] == "litgpt-lora" and (info["lora_r"], info["lora_alpha"]) == (8, 3)
+    assert info["enabled"] == ["query", "projection"] and info["quantize"] is None
+    assert info["precision"] == "bf16-mixed" and info["checkpoint_dir"] == str(case / "base")
+    assert (info["model"], info["hf_architecture"], info["merged"]) == ("tiny-llama", "LlamaForCausalLM", None)
+    assert info["tensors"] == len(lora) and info["dtypes"] == {"float32": len(lora)}
+    assert info["bytes"] == sum(t.numel() * t.element_size() for t in lora.values())
+    base = api.inspect(case / "base")
+    assert base["format"] == "litgpt" and base["tensors"] == len(merged) and base["n_query_groups"] == 2
+    assert api.inspect(litgpt_cases / "moe_bf16" / "base")["hf_architecture"] is None  # lit_model.pth only
+    shown = runner.invoke(main, ["inspect", str(run)])
+    assert shown.exit_code == 0 and "lora_r" in shown.output and "['query', 'projection']" in shown.output
+
+
+def test_verify_accepts_litgpt_merge_lora_output_and_catches_tampering(litgpt_cases: Path, tmp_path: Path) -> None:
+    """`litgpt merge_lora`'s own lit_model.pth verifies exactly; one changed byte fails with exit 4; an exported
+    Hugging Face folder verifies too."""
+    import shutil
+
+    reference = litgpt_cases / "gqa_all_bf16" / "reference"  # the run folder litgpt merge_lora wrote into
+    runner = CliRunner()
+    ok = runner.invoke(main, ["verify", str(reference), str(reference)])
+    assert ok.exit_code == 0 and "all tensors match" in ok.output, ok.output
+    tampered = tmp_path / "lit_model.pth"
+    shutil.copy(reference / "lit_model.pth", tampered)
+    name = "transformer.h.1.mlp.proj.weight"
+    ref = read_state_dict(tampered)[name]
+    with tampered.open("r+b") as f:
+        f.seek(ref.offset + ref.nbytes - 1)  # the sign and exponent byte of the last element
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x40]))
+    bad = runner.invoke(main, ["verify", str(reference), str(tampered)])
+    assert bad.exit_code == 4, bad.output
+    assert [line.split()[0] for line in bad.output.splitlines() if "MISMATCH" in line] == [name]
+    api.merge_litgpt(reference, tmp_path / "hf", format="hf", max_shard_size="100KB")
+    report = api.verify_litgpt(reference, tmp_path / "hf")
+    assert report.ok and len(report.checks) == len(load_output(tmp_path / "hf"))
+
+
+def test_trained_on_merges_into_the_base_bitsandbytes_round_trips(litgpt_cases: Path, tmp_path: Path) -> None:
+    """--trained-on: lorastream's merge equals `litgpt merge_lora` into a base whose linear weights (lm_head too,
+    as Lightning's BitsandbytesPrecision quantizes every nn.Linear) went through bitsandbytes'
+    quantize_4bit/dequantize_4bit; double quantization as the run's `quantize` says."""
+    import bitsandbytes as bnb
+
+    case = litgpt_cases / "gqa_all_bf16"
+    dense = torch.load(case / "base" / "lit_model.pth", weights_only=True)
+    variants = {"nf4": "bnb.nf4-dq", "fp4": "bnb.fp4"}
+    for quant_type, quantize in variants.items():
+        base = tmp_path / f"{quant_type}-base"
+        base.mkdir()
+        for path in (case / "base").iterdir():
+            if path.name != "lit_model.pth":
+                (base / path.name).write_bytes(path.read_bytes())
+        seen = {}
+        for name, weight in dense.items():
+            if weight.ndim == 2 and name != "transformer.wte.weight":
+                packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type=quant_type,
+                                                             compress_statistics=quantize.endswith("-dq"))
+                weight = bnb.functional.dequantize_4bit(packed, state)
+            seen[name] = weight
+        torch.save(seen, base / "lit_model.pth")
+        _copy_run(case / "run", tmp_path / f"{quant_type}-run", quantize=quantize)
+        _copy_run(case / "run", tmp_path / f"{quant_type}-reference", quantize=quantize, checkpoint_dir=str(base))
+    script = ("import sys; from pathlib import Path; from litgpt.scripts.merge_lora import merge_lora\n"
+              "for p in sys.argv[1:]: merge_lora(Path(p))")
+    done = subprocess.run([str(LITGPT_PYTHON), "-c", script, *(str(tmp_path / f"{q}-reference") for q in variants)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runner = CliRunner()
+    for quant_type in variants:
+        run = tmp_path / f"{quant_type}-run"
+        merged = runner.invoke(main, ["merge", str(run), "--trained-on", quant_type, "-q"])
+        assert merged.exit_code == 0, merged.output
+        ours = torch.load(run / "lit_model.pth", weights_only=True)
+        assert_identical(ours, torch.load(tmp_path / f"{quant_type}-reference" / "lit_model.pth", weights_only=True))
+        dense_merge = torch.load(case / "reference" / "lit_model.pth", weights_only=True)
+        assert not torch.equal(ours["transformer.h.0.attn.qkv.weight"], dense_merge["transformer.h.0.attn.qkv.weight"])
+        assert not torch.equal(ours["transformer.h.0.mlp.fc_1.weight"], dense["transformer.h.0.mlp.fc_1.weight"])
+    recorded = api.merge_litgpt(tmp_path / "nf4-run", tmp_path / "nf4-out", trained_on="nf4")
+    assert api.verify_litgpt(tmp_path / "nf4-run", recorded.out_dir).ok  # --trained-on taken from lorastream.json
+    assert not api.verify_litgpt(tmp_path / "nf4-run", recorded.out_dir, trained_on="fp4").ok
+    with pytest.raises(InputError, match="--format litgpt"):
+        api.plan_litgpt(tmp_path / "nf4-run", tmp_path / "hf", format="hf", trained_on="nf4")
+
+
+def test_checksums_in_parallel_pieces_equal_zlib() -> None:
+    import os
+
+    from lorastream.formats.crc32 import PIECE, Checksummer, crc32_combine
+
+    data = memoryview(os.urandom(5 * PIECE + 3))
+    checksummer = Checksummer(threads=3)
+    assert checksummer.start(data)(7) == zlib.crc32(data, 7)
+    checksummer.close()
+    for split in (0, 1, PIECE, len(data)):
+        assert crc32_combine(zlib.crc32(data[:split]), zlib.crc32(data[split:]), len(data) - split) == zlib.crc32(data)
+
+
+def test_lit_model_pth_over_4_gib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real zip64 checkpoint: a tensor of 4 GiB + 100 bytes, then one stored past 4 GiB. Its zeros become a
+    hole in a sparse file (the writer's os.write seeks over the zero buffer) and their CRC is combined from one
+    buffer's, so the test takes seconds and a few MiB of disk; torch.load(mmap=True) and our reader read it."""
+    import os
+    import types
+
+    from lorastream.formats.crc32 import Checksummer, crc32_combine
+
+    zeros = bytearray(64 << 20)
+    zeros_crc = zlib.crc32(zeros)
+
+    def write(fd: int, data: memoryview | bytes) -> int:
+        if isinstance(data, memoryview) and data.obj is zeros:
+            os.lseek(fd, len(data), os.SEEK_CUR)
+            return len(data)
+        return os.write(fd, data)
+
+    class KnowsZeros(Checksummer):
+        def start(self, view: memoryview) -> Callable[[int], int]:
+            if view.obj is zeros:
+                return lambda crc: crc32_combine(crc, zeros_crc, len(view))
+            return super().start(view)
+
+    monkeypatch.setattr(torchzip_writer, "os", types.SimpleNamespace(write=write))
+    monkeypatch.setattr(torchzip_writer, "Checksummer", KnowsZeros)
+    end = torch.randint(0, 256, (100,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tail = torch.arange(6, dtype=torch.float32)
+    path = tmp_path / "lit_model.pth"
+    writer = torchzip_writer.TorchZipWriter(path, [TensorSpec("big", torch.uint8, ((4 << 30) + 100,)),
+                                                   TensorSpec("tail", torch.float32, (6,))])
+    for _ in range(64):
+        writer.write(memoryview(zeros))
+    writer.write(end.numpy().tobytes())
+    writer.write(tail.numpy().tobytes())
+    writer.commit()
+    try:
+        assert path.stat().st_size > 4 << 30 and path.stat().st_blocks * 512 < 64 << 20
+        info = zipfile.ZipFile(path).getinfo("lit_model/data/1")
+        assert info.header_offset > 0xFFFFFFFF
+        loaded = torch.load(path, weights_only=True, mmap=True)
+        assert loaded["big"].shape == ((4 << 30) + 100,)
+        assert torch.equal(loaded["big"][-100:], end) and not loaded["big"][-(1 << 20):-100].any()
+        assert torch.equal(loaded["tail"], tail)
+        refs = read_state_dict(path)
+        assert torch.equal(refs["tail"].read(), tail) and refs["big"].nbytes == (4 << 30) + 100
+        del loaded
+    finally:
+        path.unlink()

@@ -14,11 +14,13 @@ import click
 from tqdm import tqdm
 
 from . import api
+from . import batch as batch_jobs
 from .errors import LorastreamError
 from .formats.litgpt import is_lora_run
 from .formats.tensor_ref import TensorRef
 from .memory import format_size
 from .planner import Plan, describe_shortfall
+from .storage import is_remote
 
 DTYPE_CHOICE = click.Choice(sorted(api.DTYPES))
 IO_ERROR = 5
@@ -56,42 +58,77 @@ def _parse_weights(text: str | None) -> list[float] | None:
         raise click.BadParameter(f"{text!r}: expected comma-separated numbers such as 0.7,0.3") from None
 
 
+_MAX_MEMORY = click.option("--max-memory", help="Peak RSS budget for the whole process, e.g. 512MiB, 2GiB, 4GB "
+                           "(default: half the available memory, at most 4 GiB).")
+_MAX_SHARD_SIZE = click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+_QUANTIZE = click.option("--quantize", type=click.Choice(["nf4", "fp4", "int8"]),
+                         help="Write linear weights in bitsandbytes' format (transformers loads it as is).")
+_TRAINED_ON = click.option("--trained-on", type=click.Choice(["nf4", "fp4"]),
+                           help="Merge into the base as QLoRA training saw it, dequantize(quantize(W)), not the "
+                           "dense weights.")
+_DOUBLE_QUANT = click.option("--double-quant/--no-double-quant", default=None,
+                             help="4-bit: quantize the block statistics too (default: on for nf4, off for fp4; "
+                             "for a LitGPT run's --trained-on, as its quantize setting says, bnb.nf4-dq).")
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 _job_options = [
     click.argument("base", type=click.Path(file_okay=False)),
     click.argument("adapters", nargs=-1, required=True, type=click.Path(file_okay=False)),
     click.option("-o", "--out", required=True, type=click.Path(), help="Output folder."),
     click.option("--weights", help="Comma-separated weight per adapter (default 1 each)."),
-    click.option("--max-memory", help="Peak RSS budget for the whole process, e.g. 512MiB, 2GiB, 4GB "
-                 "(default: half the available memory, at most 4 GiB)."),
+    _MAX_MEMORY,
     click.option("--dtype", type=DTYPE_CHOICE, help="Output dtype of floating tensors (default: as in the base)."),
-    click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard."),
-    click.option("--quantize", type=click.Choice(["nf4", "fp4", "int8"]),
-                 help="Write linear weights in bitsandbytes' format (transformers loads it as is)."),
-    click.option("--trained-on", type=click.Choice(["nf4", "fp4"]),
-                 help="Merge into the base as QLoRA training saw it, dequantize(quantize(W)), not the dense weights."),
-    click.option("--double-quant/--no-double-quant", default=None,
-                 help="4-bit: quantize the block statistics too (default: on for nf4, off for fp4)."),
-    click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
+    _MAX_SHARD_SIZE, _QUANTIZE, _TRAINED_ON, _DOUBLE_QUANT, _JSON,
+]
+_BASE = click.option("--base", type=click.Path(file_okay=False),
+                     help="Base checkpoint folder (default: checkpoint_dir in LORA_DIR/hyperparameters.yaml).")
+_LITGPT_DTYPE = click.option("--dtype", type=DTYPE_CHOICE, help="Merged dtype (default: the LoRA weights', as LitGPT).")
+_litgpt_options = [
+    click.argument("lora_dir", type=click.Path(file_okay=False)),
+    click.option("-o", "--out", type=click.Path(), help="Output folder (default for --format litgpt: lit_model.pth "
+                 "in LORA_DIR, as litgpt merge_lora writes it)."),
+    click.option("--format", "fmt", type=click.Choice(["litgpt", "hf"]), default="litgpt", show_default=True,
+                 help="lit_model.pth, or a Hugging Face safetensors folder with LitGPT's key map and a config.json."),
+    _BASE, _MAX_MEMORY, _LITGPT_DTYPE, _MAX_SHARD_SIZE, _QUANTIZE, _TRAINED_ON, _DOUBLE_QUANT, _JSON,
 ]
 
 
-def _with_job_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(_job_options):
-        command = option(command)
-    return command
+def _with(options: list[Callable[..., Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+_with_job_options = _with(_job_options)
 
 
 # Options of `merge` and `merge-litgpt` that take a value, so their values are not read as positional folders.
-_VALUE_OPTIONS = {"-o", "--out", "--base", "--format", "--weights", "--max-memory", "--dtype", "--max-shard-size",
-                  "--quantize", "--trained-on"}
+_VALUE_OPTIONS = {"-o", "--out", "--base", "--format", "--executor", "--ray-address", "--weights", "--max-memory",
+                  "--dtype", "--max-shard-size", "--quantize", "--trained-on"}
+
+
+def _executor_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option("--ray-address", help="Ray cluster to run on (default: the Ray instance this machine "
+                           "runs, else a new local one).")(command)
+    return click.option("--executor", type=click.Choice(api.EXECUTORS), default="local", show_default=True,
+                        help="Run in this process, or as Ray tasks (pip install 'lorastream[ray]'), each within "
+                        "its --max-memory.")(command)
+
+
+# The LitGPT form of a command, and how many positional arguments it takes (the first being the LoRA run).
+_LITGPT_FORMS = {"merge": ("merge-litgpt", 1), "plan": ("plan-litgpt", 1), "verify": ("verify-litgpt", 2)}
 
 
 class _Commands(click.Group):
-    """Routes `merge LORA_RUN_DIR` (one folder, holding lit_model.pth.lora) to `merge-litgpt`."""
+    """Routes `merge LORA_RUN_DIR`, `plan LORA_RUN_DIR` and `verify LORA_RUN_DIR MERGED` (a run folder holds
+    lit_model.pth.lora) to their LitGPT forms."""
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
                                                                              list[str]]:
-        if args[:1] == ["merge"]:
+        if args[:1] and args[0] in _LITGPT_FORMS:
+            command, count = _LITGPT_FORMS[args[0]]
             positional, expects_value = [], False
             for arg in args[1:]:
                 if expects_value:
@@ -100,8 +137,8 @@ class _Commands(click.Group):
                     expects_value = arg in _VALUE_OPTIONS
                 else:
                     positional.append(arg)
-            if len(positional) == 1 and is_lora_run(Path(positional[0])):
-                args = ["merge-litgpt", *args[1:]]
+            if len(positional) == count and is_lora_run(Path(positional[0])):
+                args = [command, *args[1:]]
         return super().resolve_command(ctx, args)
 
 
@@ -123,61 +160,65 @@ def _interrupt(signum: int, _frame: object) -> None:
               help="Replace a non-empty output folder (only once the new one is complete).")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf in merged tensors instead of refusing.")
 @click.option("--verify", "verify_after", is_flag=True, help="Recompute and compare the output after writing it.")
+@click.option("--each", is_flag=True, help="Merge each adapter on its own into OUT/<adapter folder name>/, "
+              "reading the base once for all of them.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_executor_options
 @_reports_errors
 def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
           dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
           double_quant: bool | None, as_json: bool, overwrite: bool, allow_nonfinite: bool, verify_after: bool,
-          quiet: bool) -> None:
+          each: bool, quiet: bool, executor: str, ray_address: str | None) -> None:
     """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
+    if each and weights is not None:
+        raise click.UsageError("--weights combines the adapters into one model, --each merges each one on its own "
+                               "into OUT/<adapter folder name>/; use one or the other")
+    if each and executor != "local":
+        raise click.UsageError("--each runs on the local executor only")
     with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr,
               disable=quiet or not sys.stderr.isatty()) as bar:
-        result = api.merge(base, list(adapters), out, weights=_parse_weights(weights), max_memory=max_memory,
-                           dtype=dtype, max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant,
-                           trained_on=trained_on, overwrite=overwrite, allow_nonfinite=allow_nonfinite,
-                           progress=bar.update)
+        options = dict(max_memory=max_memory, dtype=dtype, max_shard_size=max_shard_size, quantize=quantize,
+                       double_quant=double_quant, trained_on=trained_on, overwrite=overwrite,
+                       allow_nonfinite=allow_nonfinite, progress=bar.update)
+        results = (api.merge_each(base, list(adapters), out, **options) if each else  # type: ignore[arg-type]
+                   [api.merge(base, list(adapters), out, weights=_parse_weights(weights), executor=executor,
+                              ray_address=ray_address, **options)])  # type: ignore[arg-type]
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(json.dumps([r.to_json() for r in results] if each else results[0].to_json(), indent=2))
     else:
-        click.echo(f"wrote {result.out_dir} ({format_size(result.bytes_written)} in {len(result.files)} files) "
-                   f"in {result.seconds:.1f} s", err=True)
-    click.echo(f"Memory used: peak RSS {format_size(result.peak_rss)} of a {format_size(result.budget)} budget",
-               err=True)
+        for result in results:
+            click.echo(f"wrote {result.out_dir} ({format_size(result.bytes_written)} in {len(result.files)} files) "
+                       f"in {result.seconds:.1f} s", err=True)
+    click.echo(f"Memory used: peak RSS {format_size(results[0].peak_rss)} of a {format_size(results[0].budget)} "
+               "budget", err=True)
     if verify_after:
-        report = api.verify(base, list(adapters), result.out_dir, weights=_parse_weights(weights),
-                            max_memory=max_memory)
-        if not report.ok:
-            click.echo(_render_verify(report), err=True)
-            sys.exit(4)
-        click.echo(f"verified: {len(report.checks)} tensors match", err=True)
+        merged = [[a] for a in adapters] if each else [list(adapters)]
+        for inputs, result in zip(merged, results, strict=True):
+            report = api.verify(base, inputs, result.out_dir, weights=_parse_weights(weights), max_memory=max_memory)
+            if not report.ok:
+                click.echo(_render_verify(report), err=True)
+                sys.exit(4)
+            click.echo(f"verified: {len(report.checks)} tensors match in {result.out_dir}", err=True)
 
 
 @main.command("merge-litgpt")
-@click.argument("lora_dir", type=click.Path(file_okay=False))
-@click.option("-o", "--out", type=click.Path(), help="Output folder (default for --format litgpt: lit_model.pth "
-              "in LORA_DIR, as litgpt merge_lora writes it).")
-@click.option("--format", "fmt", type=click.Choice(["litgpt", "hf"]), default="litgpt", show_default=True,
-              help="lit_model.pth, or a Hugging Face safetensors folder with LitGPT's key map and a config.json.")
-@click.option("--base", type=click.Path(file_okay=False),
-              help="Base checkpoint folder (default: checkpoint_dir in LORA_DIR/hyperparameters.yaml).")
-@click.option("--max-memory", help="Peak RSS budget for the whole process, e.g. 512MiB, 2GiB.")
-@click.option("--dtype", type=DTYPE_CHOICE, help="Merged dtype (default: the LoRA weights', as LitGPT).")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (--format hf).")
+@_with(_litgpt_options)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf in merged tensors instead of refusing.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_reports_errors
 def merge_litgpt(lora_dir: str, out: str | None, fmt: str, base: str | None, max_memory: str | None,
-                 dtype: str | None, max_shard_size: str, overwrite: bool, allow_nonfinite: bool, as_json: bool,
+                 dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
+                 double_quant: bool | None, as_json: bool, overwrite: bool, allow_nonfinite: bool,
                  quiet: bool) -> None:
     """Merge a `litgpt finetune lora` run (LORA_DIR: final/ or step-XXXXXX/) into its base, as litgpt merge_lora
     does, in bounded memory. `lorastream merge LORA_DIR` runs this too."""
     with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr,
               disable=quiet or not sys.stderr.isatty()) as bar:
         result = api.merge_litgpt(lora_dir, out, base=base, max_memory=max_memory, dtype=dtype, format=fmt,
-                                  max_shard_size=max_shard_size, overwrite=overwrite,
-                                  allow_nonfinite=allow_nonfinite, progress=bar.update)
+                                  max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant,
+                                  trained_on=trained_on, overwrite=overwrite, allow_nonfinite=allow_nonfinite,
+                                  progress=bar.update)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -189,7 +230,9 @@ def merge_litgpt(lora_dir: str, out: str | None, fmt: str, base: str | None, max
 
 def _plan_json(job: Plan) -> dict[str, Any]:
     return {"budget": job.memory.budget, "minimum_budget": job.memory.minimum, "baseline_rss": job.memory.baseline,
-            "block_elements": job.memory.block_elements, "disk_needed": job.disk_needed, "disk_free": job.disk_free,
+            "block_elements": job.memory.block_elements, "bytes_per_element": job.memory.bytes_per_element,
+            "buffers": dict(job.memory.in_flight), "io_buffers": job.memory.io_buffers,
+            "disk_needed": job.disk_needed, "disk_free": None if is_remote(job.out_dir) else job.disk_free,
             "total_size": job.total_size,
             "shards": [{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in job.shards],
             "targets": job.targets, "fits": describe_shortfall(job) is None}
@@ -209,8 +252,12 @@ def _render_plan(job: Plan) -> str:
         f"({merged} computed, {len(job.tensors) - merged} copied)",
         f"memory    budget {format_size(job.memory.budget)}, minimum {format_size(job.memory.minimum)} "
         f"(baseline {format_size(job.memory.baseline)}, adapter tensors {format_size(job.memory.adapter_peak)}, "
-        f"row blocks of up to {job.memory.block_elements:,} elements)",
-        f"disk      needs {format_size(job.disk_needed)}, {format_size(job.disk_free)} free",
+        + (f"remote I/O buffers {format_size(job.memory.io_buffers)}, " if job.memory.io_buffers else "")
+        + f"row blocks of up to {job.memory.block_elements:,} elements)",
+        f"buffers   per row-block element {job.memory.bytes_per_element} B: {job.memory.describe_buffers()}",
+        f"disk      needs {format_size(job.disk_needed)}, "
+        + ("in an object store (no free-space limit)" if is_remote(job.out_dir) else
+           f"{format_size(job.disk_free)} free"),
         "shards",
         *(f"  {s.filename}  {format_size(s.nbytes)}  {len(s.tensors)} tensors" for s in job.shards),
         "targets",
@@ -249,6 +296,11 @@ def verify(base: str, paths: tuple[str, ...], weights: str | None, max_memory: s
         raise click.UsageError("expected BASE ADAPTER... MERGED")
     report = api.verify(base, list(paths[:-1]), paths[-1], weights=_parse_weights(weights), max_memory=max_memory,
                         exact=exact)
+    _show_verify(report, as_json, quiet)
+
+
+def _show_verify(report: api.VerifyReport, as_json: bool, quiet: bool) -> None:
+    """Print the report and exit: 0 when every tensor matches, 4 otherwise."""
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -257,6 +309,26 @@ def verify(base: str, paths: tuple[str, ...], weights: str | None, max_memory: s
     click.echo(f"Memory used: peak RSS {format_size(report.peak_rss)} of a {format_size(report.budget)} budget",
                err=True)
     sys.exit(0 if report.ok else 4)
+
+
+@main.command("verify-litgpt")
+@click.argument("lora_dir", type=click.Path(file_okay=False))
+@click.argument("merged", type=click.Path(exists=True))
+@_with([_BASE, _MAX_MEMORY, _LITGPT_DTYPE, _TRAINED_ON, _DOUBLE_QUANT])
+@click.option("--exact/--tolerant", default=True, show_default=True,
+              help="Require identical bytes (lorastream and litgpt merge_lora write the same) or allow one rounding "
+              "step.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Only the summary line and failures.")
+@_reports_errors
+def verify_litgpt(lora_dir: str, merged: str, base: str | None, max_memory: str | None, dtype: str | None,
+                  trained_on: str | None, double_quant: bool | None, exact: bool, as_json: bool, quiet: bool) -> None:
+    """Recompute merging the LitGPT LoRA run LORA_DIR and compare with MERGED: a lit_model.pth (or its folder),
+    or a --format hf folder. Exit 0 when every tensor matches, 4 otherwise. `lorastream verify LORA_DIR MERGED`
+    runs this too."""
+    report = api.verify_litgpt(lora_dir, merged, base=base, max_memory=max_memory, dtype=dtype,
+                               double_quant=double_quant, trained_on=trained_on, exact=exact)
+    _show_verify(report, as_json, quiet)
 
 
 @main.command("plan")
@@ -268,11 +340,29 @@ def plan_command(base: str, adapters: tuple[str, ...], out: str, weights: str | 
     """Show what merging ADAPTERS into BASE needs (memory, disk, shards, targets) without reading weights."""
     job = api.plan(base, list(adapters), out, weights=_parse_weights(weights), max_memory=max_memory, dtype=dtype,
                    max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant, trained_on=trained_on)
+    _show_plan(job, as_json)
+
+
+def _show_plan(job: Plan, as_json: bool) -> None:
+    """Print the plan; exit 3 when it cannot run."""
     click.echo(json.dumps(_plan_json(job), indent=2) if as_json else _render_plan(job))
     shortfall = describe_shortfall(job)
     if shortfall:
         click.echo(f"lorastream: cannot run: {shortfall}", err=True)
         sys.exit(3)
+
+
+@main.command("plan-litgpt")
+@_with(_litgpt_options)
+@_reports_errors
+def plan_litgpt(lora_dir: str, out: str | None, fmt: str, base: str | None, max_memory: str | None,
+                dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
+                double_quant: bool | None, as_json: bool) -> None:
+    """Show what merging the LitGPT LoRA run LORA_DIR needs (memory, disk, output layout) without reading weights.
+    `lorastream plan LORA_DIR` runs this too."""
+    _show_plan(api.plan_litgpt(lora_dir, out, base=base, max_memory=max_memory, dtype=dtype, format=fmt,
+                               max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant,
+                               trained_on=trained_on), as_json)
 
 
 @main.command()
@@ -300,6 +390,67 @@ def inspect(path: str, as_json: bool, show_tensors: bool) -> None:
     if show_tensors:
         for t in tensor_list:
             click.echo(f"  {t['name']}  {t['dtype']}  {t['shape']}")
+
+
+@main.command("extract")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output adapter folder.")
+@click.option("--format", "fmt", type=click.Choice(["litgpt", "peft"]),
+              help="lit_model.pth.lora + hyperparameters.yaml, or adapter_model.safetensors + adapter_config.json "
+              "(default: the checkpoint's own).")
+@click.option("--lora-alpha", type=float, help="LoRA alpha, which the tensors do not record (default: the config's).")
+@click.option("--config", type=click.Path(dir_okay=False), help="adapter_config.json (PEFT) or hyperparameters.yaml "
+              "(LitGPT) for what the tensors do not record (default: the one beside CHECKPOINT, if any).")
+@click.option("--base", help="The base model: PEFT's base_model_name_or_path; LitGPT's checkpoint_dir (also where "
+              "model_config.yaml and tokenizer files are taken from).")
+@click.option("--adapter-name", default="default", show_default=True, help="PEFT: which adapter of the model.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder (once the new one is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@_reports_errors
+def extract_command(checkpoint: str, out: str, fmt: str | None, lora_alpha: float | None, config: str | None,
+                    base: str | None, adapter_name: str, overwrite: bool, as_json: bool) -> None:
+    """Write only the adapter held in CHECKPOINT, a whole LitGPT LoRA or PEFT model's state dict (torch zip or
+    safetensors), as an adapter folder; the base weights are not read."""
+    result = api.extract(checkpoint, out, format=fmt, lora_alpha=lora_alpha, config=config, base=base,
+                         adapter_name=adapter_name, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(f"wrote {result.out_dir} ({result.format} adapter: {result.tensors} tensors, "
+                   f"{format_size(result.bytes_written)}) in {result.seconds:.1f} s", err=True)
+
+
+def _render_batch(outcomes: list[batch_jobs.Outcome]) -> str:
+    lines = [f"{'job':>4}  {'status':8} {'seconds':>8} {'written':>10}  output"]
+    for o in outcomes:
+        written = format_size(o.bytes_written) if o.status == "ok" else ""
+        lines.append(f"{o.job.index:>4}  {o.status:8} {o.seconds:>8.1f} {written:>10}  {o.job.out}")
+        if o.error:
+            lines.append(f"{'':34}  {o.status}: {o.error}")
+    done = sum(o.status == "ok" for o in outcomes)
+    lines.append(f"{done} of {len(outcomes)} jobs succeeded")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("jobs_file", metavar="JOBS.yaml", type=click.Path(dir_okay=False))
+@click.option("--continue-on-error", is_flag=True, help="Run every job even after one fails (default: skip the rest).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@_executor_options
+@_reports_errors
+def batch(jobs_file: str, continue_on_error: bool, as_json: bool, executor: str, ray_address: str | None) -> None:
+    """Run the merges listed in JOBS.yaml (all checked first) and print which succeeded and why others failed.
+    Exit 0 when every job succeeded, 6 when one failed."""
+    jobs = batch_jobs.load_jobs(Path(jobs_file))
+    outcomes = batch_jobs.run_jobs(jobs, executor=executor, continue_on_error=continue_on_error,
+                                   ray_address=ray_address,
+                                   report=lambda o: click.echo(f"job {o.job.index}: {o.status} {o.job.out}", err=True))
+    if as_json:
+        click.echo(json.dumps({"jobs": [o.to_json() for o in outcomes],
+                               "succeeded": sum(o.status == "ok" for o in outcomes), "total": len(outcomes)}, indent=2))
+    else:
+        click.echo(_render_batch(outcomes))
+    sys.exit(0 if all(o.status == "ok" for o in outcomes) else batch_jobs.FAILED_JOBS)
 
 
 @main.command()

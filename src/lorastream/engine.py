@@ -1,8 +1,12 @@
-"""Executes a plan: the only place that moves weight bytes.
+"""Executes plans: the only place that moves weight bytes.
 
-Each output tensor is produced in row blocks sized by the plan: read rows into a reused buffer, decode to
-float32, add every LoRA delta for those rows, apply DoRA, round once into the output dtype, append to the
-shard being written. Tensors that pass through unchanged are copied inside the kernel.
+Each output tensor is produced in row blocks sized by the plan: a reader thread reads the next block into
+one of two reused buffers while the current one is merged; the block is decoded to float32, every LoRA delta
+for those rows is added, DoRA applied, the result rounded once into the output dtype and handed to a writer
+thread that appends it to the shard. Tensors that pass through unchanged are copied inside the kernel.
+
+Several plans over the same base (one per adapter, `merge --each`) run in one pass: each row block is read
+and decoded once and merged into every output that reads it.
 """
 
 from __future__ import annotations
@@ -11,17 +15,19 @@ import errno
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from .codecs import Source
 from .errors import InputError, ResourceError
 from .formats.tensor_ref import TensorRef
 from .memory import format_size, keep_heap_bounded
-from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan, Shard
+from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan, Shard, layout
+from .storage import RemotePath
 
 Progress = Callable[[int], None]
 # Chunk for copying unchanged tensors through user space when the kernel cannot copy between the files.
@@ -51,38 +57,67 @@ def row_blocks(rows: int, block_rows: int, align: int = 1) -> Iterator[tuple[int
         start = stop
 
 
-class _Buffers:
-    """The reused row-block buffers whose total the memory plan budgets."""
-
-    def __init__(self, plan: Plan):
-        elements = plan.memory.block_elements
-        decoded = [t for t in plan.tensors if not t.is_copy] or list(plan.tensors)
-        self.elements = elements
-        stored = max(math.ceil(t.source.stored_bytes / max(1, t.source.numel)) for t in decoded)
-        self.raw_in = bytearray(elements * stored)
-        self.out_bytes = elements * max(max(t.dtype.itemsize for t in decoded), 1)
-        needs_fp32 = any(t.needs_fp32 for t in decoded)
-        self.work = torch.empty(elements if needs_fp32 else 0, dtype=torch.float32)
-        self.delta = torch.empty(elements if needs_fp32 else 0, dtype=torch.float32)
-
-
-
 def _view(buffer: bytearray, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=dtype, count=shape[0] * shape[1]).view(shape)
 
 
-class _WriteBehind:
-    """Appends to the shard on a background thread while the next block is computed.
+Read = tuple[Source, int, int]
 
-    Two output buffers alternate; a buffer is handed out again only once its previous write is done, so
-    exactly two output blocks are ever in flight (the planner budgets both). Tasks run in submission
-    order on one thread, so the file is written sequentially.
+
+class _ReadAhead:
+    """Reads row blocks on a background thread, one block ahead of the merge (into the next tensor too).
+
+    Every block the merge will read is known before it starts, so the reader never waits to be told. Two
+    input buffers alternate: the read of block i + 1 starts when block i is taken, into the buffer block
+    i - 1 used, which the merge is done with by then (it takes blocks strictly in order). `pread` and
+    torch's decoding release the GIL, so reading overlaps the merge.
     """
 
-    def __init__(self, out_bytes: int):
+    def __init__(self, reads: Iterator[Read], in_bytes: int):
+        self._reads = reads
+        self._buffers = [bytearray(in_bytes), bytearray(in_bytes)]
+        self._turn = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-reader")
+        self._ahead: tuple[Read, Future[torch.Tensor]] | None = None
+        self._start_next()
+
+    def _start_next(self) -> None:
+        read = next(self._reads, None)
+        if read is None:
+            self._ahead = None
+            return
+        source, start, stop = read
+        buffer = memoryview(self._buffers[self._turn])
+        self._turn ^= 1
+        self._ahead = (read, self._pool.submit(source.read_rows, start, stop, buffer))
+
+    def take(self, source: Source, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `source`, which must be the next read of the schedule."""
+        assert self._ahead is not None, "read past the schedule"
+        (expected, low, high), future = self._ahead
+        assert expected is source and (low, high) == (start, stop), "reads out of schedule"
+        rows = future.result()
+        self._start_next()
+        return rows
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+        self._pool.shutdown(wait=True)
+
+
+class _WriteBehind:
+    """Appends to the shards on a background thread while the next blocks are computed.
+
+    `count` output buffers are used in turn; a buffer is handed out again only once its previous write is
+    done, so at most `count` output blocks are ever in flight (the planner budgets them all). Tasks run in
+    submission order on one thread, so every file is written sequentially.
+    """
+
+    def __init__(self, out_bytes: int, count: int):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-writer")
-        self._buffers = [bytearray(out_bytes), bytearray(out_bytes)]
-        self._pending: list[Future[None] | None] = [None, None]
+        self._buffers = [bytearray(out_bytes) for _ in range(count)]
+        self._pending: list[Future[None] | None] = [None] * count
         self._turn = 0
         self._copy_chunk = bytearray(COPY_CHUNK)
         self._outstanding: list[Future[None]] = []
@@ -97,7 +132,7 @@ class _WriteBehind:
         """Write the first `nbytes` of the buffer `next_buffer` returned."""
         future = self._submit(writer.write, memoryview(self._buffers[self._turn])[:nbytes])
         self._pending[self._turn] = future
-        self._turn ^= 1
+        self._turn = (self._turn + 1) % len(self._buffers)
 
     def write_bytes(self, writer: ShardSink, data: bytes | bytearray) -> None:
         """Append bytes the caller will not touch again (statistics computed after a tensor's blocks)."""
@@ -108,18 +143,24 @@ class _WriteBehind:
         self._submit(self._copy, writer, src)
 
     def _copy(self, writer: ShardSink, src: TensorRef) -> None:
+        if isinstance(src.path, RemotePath):  # no file descriptor: ranged reads
+            self._copy_chunks(writer, src, src.path.read_into)
+            return
         fd = os.open(src.path, os.O_RDONLY)
         try:
-            if writer.copy_from(fd, src.offset, src.nbytes):
-                return
-            chunk = memoryview(self._copy_chunk)
-            for start in range(0, src.nbytes, len(chunk)):
-                count = min(len(chunk), src.nbytes - start)
-                if os.preadv(fd, [chunk[:count]], src.offset + start) != count:
-                    raise InputError(f"{src.path}: tensor {src.name!r} ends past the end of the file")
-                writer.write(chunk[:count])
+            if not writer.copy_from(fd, src.offset, src.nbytes):
+                self._copy_chunks(writer, src, lambda offset, view: os.preadv(fd, [view], offset))
         finally:
             os.close(fd)
+
+    def _copy_chunks(self, writer: ShardSink, src: TensorRef, read: Callable[[int, memoryview], int]) -> None:
+        """Through this thread's chunk buffer, where the kernel cannot copy from the source to the sink."""
+        chunk = memoryview(self._copy_chunk)
+        for start in range(0, src.nbytes, len(chunk)):
+            count = min(len(chunk), src.nbytes - start)
+            if read(src.offset + start, chunk[:count]) != count:
+                raise InputError(f"{src.path}: tensor {src.name!r} ends past the end of the file")
+            writer.write(chunk[:count])
 
     def _submit(self, fn: Callable[..., None], *args: object) -> Future[None]:
         self._outstanding = [f for f in self._outstanding if not f.done() or f.exception() is not None]
@@ -139,7 +180,7 @@ class _WriteBehind:
     def drain(self) -> None:
         """Wait for every submitted write; raise the first failure."""
         outstanding, self._outstanding = self._outstanding, []
-        self._pending = [None, None]
+        self._pending = [None] * len(self._pending)
         for future in outstanding:
             future.result()
 
@@ -196,94 +237,134 @@ class _LoadedDelta:
         work[low - start:high - start].add_(product[low - first:high - first])
 
 
+class _Work:
+    """The float32 blocks a merge computes in: the merged rows, and the scratch a LoRA product goes to."""
+
+    def __init__(self, elements: int):
+        self.work = torch.empty(elements, dtype=torch.float32)
+        self.delta = torch.empty(elements, dtype=torch.float32)
+
+
+@dataclass
+class _Target:
+    """One output of a tensor position: which plan it belongs to and the tensor it computes there."""
+
+    output: int
+    tensor: OutputTensor
+
+
 class _TensorMerger:
-    """Computes one output tensor block by block and streams its bytes to a shard writer."""
+    """Computes one tensor position for every output reading the same source, block by block: each block is
+    read and decoded once, then merged into each output in turn and streamed to that output's shard."""
 
-    def __init__(self, tensor: OutputTensor, buffers: _Buffers, out: _WriteBehind, writer: ShardSink,
-                 progress: Progress, allow_nonfinite: bool = False):
-        self.t, self.buf, self.out, self.writer, self.progress = tensor, buffers, out, writer, progress
-        self.allow_nonfinite = allow_nonfinite
-        self.cols = tensor.row_elements
-        self.block_rows = max(1, buffers.elements // max(1, self.cols))
+    def __init__(self, targets: list[_Target], block_elements: int, allow_nonfinite: bool):
+        self.targets, self.allow_nonfinite = targets, allow_nonfinite
+        self.t = targets[0].tensor  # the source, shape, blocks and dtype are the same for every target
+        self.cols = self.t.row_elements
+        self.block_rows = max(1, block_elements // max(1, self.cols))
 
-    def run(self) -> None:
+    def _blocks(self) -> list[tuple[int, int]]:
+        return list(row_blocks(self.t.rows, self.block_rows, self.t.row_alignment))
+
+    def reads(self) -> Iterator[Read]:
+        """Every block `run` reads, in order: a first pass per transposed DoRA target, then the merge."""
         if self.t.source.numel == 0:
             return
-        if self.t.is_copy:
-            assert isinstance(self.t.source, TensorRef)
-            self.out.copy(self.writer, self.t.source)
-            self.progress(self.t.source.nbytes)
+        passes = 1 + sum(t.tensor.magnitude is not None and t.tensor.deltas[0].transposed for t in self.targets)
+        for _ in range(passes):
+            for start, stop in self._blocks():
+                yield self.t.source, start, stop
+
+    def run(self, reader: _ReadAhead, work: _Work, out: _WriteBehind, sinks: dict[int, ShardSink],
+            progress: Progress) -> None:
+        if self.t.source.numel == 0:
             return
-        deltas = [_LoadedDelta.load(d) for d in self.t.deltas]
-        magnitude = self.t.magnitude.read().float() if self.t.magnitude is not None else None
-        column_factors = None
-        if magnitude is not None and deltas[0].transposed:
-            column_factors = (magnitude / self._column_norms(deltas)).view(1, -1)
-        encoder = self.t.encoding.encoder(self.t.shape) if self.t.encoding is not None else None
+        self.reader, self.buf, self.out = reader, work, out
+        merges = [_TargetMerge(target.tensor, sinks[target.output], self) for target in self.targets]
+        for merge in merges:
+            if merge.needs_column_norms and merge.magnitude is not None:
+                merge.column_factors = (merge.magnitude / merge.column_norms()).view(1, -1)
         for start, stop in self._blocks():
-            shape = (stop - start, self.cols)
-            buffer = self.out.next_buffer()
-            if not self.t.needs_fp32:
-                out = _view(buffer, self.t.dtype, shape)
-                out.copy_(self._read(start, stop))
-                nbytes = out.numel() * out.element_size()
-            else:
-                work = self._decode(start, stop, deltas)
-                if column_factors is not None:
-                    work.mul_(column_factors)
-                elif magnitude is not None:  # DoRA on [out, in]: one norm per row, as PEFT computes it
-                    work.mul_((magnitude[start:stop] / torch.linalg.norm(work, dim=1)).view(-1, 1))
-                # a block's sum is finite unless it holds NaN/Inf (or overflows, which the exact test rules out)
-                if not (self.allow_nonfinite or math.isfinite(work.sum().item()) or torch.isfinite(work).all()):
-                    raise InputError(f"{self.t.source.path}: merged tensor {self.t.name!r} has NaN or Inf values "
-                                     f"(rows {start}-{stop}); the adapter or base is broken. Pass "
-                                     "--allow-nonfinite to keep them")
-                if encoder is not None:
-                    nbytes = encoder.encode(work, torch.frombuffer(buffer, dtype=torch.uint8))
-                else:
-                    out = _view(buffer, self.t.dtype, shape)
-                    out.copy_(work)
-                    nbytes = out.numel() * out.element_size()
-            self.out.write(self.writer, nbytes)
-            self.progress(nbytes)
-        if encoder is not None:
-            for data in encoder.statistics():
-                self.out.write_bytes(self.writer, data)
-                self.progress(len(data))
+            rows = self.read(start, stop)
+            for merge in merges:
+                progress(merge.write_block(rows, start, stop))
+        for merge in merges:
+            for data in merge.statistics():
+                out.write_bytes(merge.sink, data)
+                progress(len(data))
 
-    def _blocks(self) -> Iterator[tuple[int, int]]:
-        return row_blocks(self.t.rows, self.block_rows, self.t.row_alignment)
-
-    def _read(self, start: int, stop: int) -> torch.Tensor:
-        return self.t.source.read_rows(start, stop, memoryview(self.buf.raw_in))
-
-    def _decode(self, start: int, stop: int, deltas: list[_LoadedDelta]) -> torch.Tensor:
-        """Rows [start, stop) of the source plus every delta, in float32."""
-        source = self._read(start, stop)
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """The block's source rows, as PEFT sees them: a replacement is first loaded into the model's dtype
+        (here into the output buffer, which is free until the block is encoded)."""
+        source = self.reader.take(self.t.source, start, stop)
         if self.t.is_replacement:
-            # PEFT loads a replacement into the model's parameter, in the model's dtype, before merging;
-            # the output buffer is free until the block is encoded.
+            assert len(self.targets) == 1, "an adapter's own tensor belongs to its output only"
             source = _view(self.out.next_buffer(), self.t.dtype, source.shape).copy_(source)
-        work = self.buf.work[: source.numel()].view(source.shape)
-        work.copy_(source)
-        for delta in deltas:
-            delta.add_rows(work, self.buf.delta, start, stop)
+        return source
+
+
+class _TargetMerge:
+    """One output's part of a tensor position: its deltas, DoRA magnitude, encoder, and the shard it goes to."""
+
+    def __init__(self, tensor: OutputTensor, sink: ShardSink, merger: _TensorMerger):
+        self.t, self.sink, self.m = tensor, sink, merger
+        self.deltas = [_LoadedDelta.load(d) for d in tensor.deltas]
+        self.magnitude = tensor.magnitude.read().float() if tensor.magnitude is not None else None
+        # DoRA on a weight stored [in, out] scales columns, by norms over every block (set before the merge)
+        self.needs_column_norms = self.magnitude is not None and self.deltas[0].transposed
+        self.column_factors: torch.Tensor | None = None
+        self.encoder = tensor.encoding.encoder(tensor.shape) if tensor.encoding is not None else None
+
+    def write_block(self, rows: torch.Tensor, start: int, stop: int) -> int:
+        """Merge this output's deltas into the block's `rows`, encode, hand to the writer; the bytes written."""
+        out = self.m.out
+        buffer = out.next_buffer()
+        if not self.t.needs_fp32:
+            dense = _view(buffer, self.t.dtype, rows.shape).copy_(rows)
+            nbytes = dense.numel() * dense.element_size()
+        else:
+            work = self._merged(rows, start, stop)
+            if self.column_factors is not None:
+                work.mul_(self.column_factors)
+            elif self.magnitude is not None:  # DoRA on [out, in]: one norm per row, as PEFT computes it
+                work.mul_((self.magnitude[start:stop] / torch.linalg.norm(work, dim=1)).view(-1, 1))
+            # a block's sum is finite unless it holds NaN/Inf (or overflows, which the exact test rules out)
+            if not (self.m.allow_nonfinite or math.isfinite(work.sum().item()) or torch.isfinite(work).all()):
+                raise InputError(f"{self.t.source.path}: merged tensor {self.t.name!r} has NaN or Inf values "
+                                 f"(rows {start}-{stop}); the adapter or base is broken. Pass "
+                                 "--allow-nonfinite to keep them")
+            if self.encoder is not None:
+                nbytes = self.encoder.encode(work, torch.frombuffer(buffer, dtype=torch.uint8))
+            else:
+                dense = _view(buffer, self.t.dtype, rows.shape).copy_(work)
+                nbytes = dense.numel() * dense.element_size()
+        out.write(self.sink, nbytes)
+        return nbytes
+
+    def statistics(self) -> list[bytes]:
+        return self.encoder.statistics() if self.encoder is not None else []
+
+    def _merged(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the source plus every delta of this output, in float32."""
+        work = self.m.buf.work[: rows.numel()].view(rows.shape).copy_(rows)
+        for delta in self.deltas:
+            delta.add_rows(work, self.m.buf.delta, start, stop)
         for ref, scale in self.t.bias_deltas:
             work.add_(ref.read().float().reshape(work.shape) * scale)
         return work
 
-    def _column_norms(self, deltas: list[_LoadedDelta]) -> torch.Tensor:
+    def column_norms(self) -> torch.Tensor:
         """DoRA norms of a transposed weight ([in, out]): one per column, so over every row block.
 
         A tensor that fits one block gets PEFT's exact `linalg.norm`; larger ones accumulate squares in
         float64 over a first pass (within float32 rounding of PEFT's value).
         """
-        blocks = list(self._blocks())
+        blocks = self.m._blocks()
         if len(blocks) == 1:
-            return torch.linalg.norm(self._decode(0, self.t.rows, deltas).T, dim=1)
-        squares = torch.zeros(self.cols, dtype=torch.float64)
+            return torch.linalg.norm(self._merged(self.m.read(0, self.t.rows), 0, self.t.rows).T, dim=1)
+        squares = torch.zeros(self.m.cols, dtype=torch.float64)
         for start, stop in blocks:
-            squares += self._decode(start, stop, deltas).double().square().sum(dim=0)
+            squares += self._merged(self.m.read(start, stop), start, stop).double().square().sum(dim=0)
         return squares.sqrt().float()
 
 
@@ -299,40 +380,100 @@ class ShardSink(Protocol):
     def abort(self) -> None: ...
 
 
-def write_shards(plan: Plan, open_sink: Callable[[Shard], ShardSink], progress: Progress, *,
-                 finished: set[str] = frozenset(),
-                 on_committed: Callable[[str, int, int], None] = lambda _name, _size, _crc: None,
-                 allow_nonfinite: bool = False) -> None:
-    """Produce every shard of `plan` not in `finished` into the sink `open_sink` gives for it.
+@dataclass
+class _ShardStep:
+    """One shard position of the pass: the outputs still to write it, and per tensor position the copies
+    and the merges (one per distinct source) that produce it."""
+
+    index: int
+    outputs: list[int]
+    positions: list[tuple[list[_Target], list[_TensorMerger]]]
+
+
+def _steps(plans: Sequence[Plan], finished: Sequence[set[str]], allow_nonfinite: bool) -> list[_ShardStep]:
+    block_elements = plans[0].memory.block_elements
+    steps = []
+    for index, shard in enumerate(plans[0].shards):
+        outputs = [k for k, plan in enumerate(plans) if plan.shards[index].filename not in finished[k]]
+        positions = []
+        for position in range(len(shard.tensors)):
+            targets = [_Target(k, plans[k].shards[index].tensors[position]) for k in outputs]
+            by_source: dict[int, list[_Target]] = {}
+            for target in targets:
+                if not target.tensor.is_copy:
+                    by_source.setdefault(id(target.tensor.source), []).append(target)
+            positions.append(([t for t in targets if t.tensor.is_copy],
+                              [_TensorMerger(group, block_elements, allow_nonfinite) for group in by_source.values()]))
+        steps.append(_ShardStep(index, outputs, positions))
+    return steps
+
+
+def write_outputs(plans: Sequence[Plan], open_sink: Callable[[int, Shard], ShardSink], progress: Progress, *,
+                  finished: Sequence[set[str]] | None = None,
+                  on_committed: Callable[[int, str, int, int], None] = lambda _k, _name, _size, _crc: None,
+                  allow_nonfinite: bool = False) -> None:
+    """Produce every shard of every plan (all over the same base, with the same layout) in one pass over the
+    base; output k's shards not in `finished[k]` go to the sink `open_sink(k, shard)` gives.
 
     Each shard is committed (for a file: fsynced, renamed) on the writer thread once its last block is
-    written, then `on_committed(filename, size, crc32)` runs there too (for sinks that are files), while the
-    next shard is already being computed.
+    written, then `on_committed(k, filename, size, crc32)` runs there too (for sinks that are files), while
+    the next shard is already being computed.
     """
+    assert all(layout(p.shards) == layout(plans[0].shards) for p in plans), "outputs of one pass share a layout"
+    finished = finished or [set() for _ in plans]
     keep_heap_bounded()
-    buffers = _Buffers(plan)
-    out = _WriteBehind(buffers.out_bytes)
+    elements = plans[0].memory.block_elements
+    decoded = [t for plan in plans for t in plan.tensors if not t.is_copy] or [t for p in plans for t in p.tensors]
+    stored = max(math.ceil(t.source.stored_bytes / max(1, t.source.numel)) for t in decoded)
+    steps = _steps(plans, finished, allow_nonfinite)
+    reader = _ReadAhead((read for step in steps for _, merges in step.positions for m in merges for read in m.reads()),
+                        elements * stored)
+    work = _Work(elements if any(t.needs_fp32 for t in decoded) else 0)
+    out = _WriteBehind(elements * max(max(t.dtype.itemsize for t in decoded), 1), len(plans) + 1)
     try:
-        for shard in plan.shards:
-            if shard.filename in finished:
-                progress(shard.nbytes)
-                continue
-            writer = open_sink(shard)
+        for step in steps:
+            for k, plan in enumerate(plans):
+                if k not in step.outputs:
+                    progress(plan.shards[step.index].nbytes)
+            sinks: dict[int, ShardSink] = {}
             try:
-                for tensor in shard.tensors:
-                    _TensorMerger(tensor, buffers, out, writer, progress, allow_nonfinite).run()
-                out.commit(writer, lambda name=shard.filename, sink=writer: on_committed(
-                    name, getattr(sink, "size", 0), getattr(sink, "crc32", 0)))
+                for k in step.outputs:
+                    sinks[k] = open_sink(k, plans[k].shards[step.index])
+                for copies, merges in step.positions:
+                    for target in copies:
+                        source = target.tensor.source
+                        assert isinstance(source, TensorRef)
+                        if source.numel:
+                            out.copy(sinks[target.output], source)
+                            progress(source.nbytes)
+                    for merge in merges:
+                        merge.run(reader, work, out, sinks, progress)
+                for k, sink in sinks.items():
+                    out.commit(sink, lambda k=k, name=plans[k].shards[step.index].filename, sink=sink: on_committed(
+                        k, name, getattr(sink, "size", 0), getattr(sink, "crc32", 0)))
             except BaseException:
-                out.close()  # no write may touch the file once it is aborted
-                writer.abort()
+                out.close()  # no write may touch a file once it is aborted
+                for sink in sinks.values():
+                    sink.abort()
                 raise
         out.drain()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            free = shutil.disk_usage(plan.out_dir.parent).free
-            raise ResourceError(f"{plan.out_dir}: the disk filled while writing the output ({exc.strerror}); it needs "
-                                f"{format_size(plan.disk_needed)} in all, {format_size(free)} is free now") from exc
+            free = shutil.disk_usage(plans[0].out_dir.parent).free
+            needed = sum(plan.disk_needed for plan in plans)
+            raise ResourceError(f"{plans[0].out_dir}: the disk filled while writing the output ({exc.strerror}); it "
+                                f"needs {format_size(needed)} in all, {format_size(free)} is free now") from exc
         raise
     finally:
         out.close()
+        reader.close()
+
+
+def write_shards(plan: Plan, open_sink: Callable[[Shard], ShardSink], progress: Progress, *,
+                 finished: set[str] = frozenset(),
+                 on_committed: Callable[[str, int, int], None] = lambda _name, _size, _crc: None,
+                 allow_nonfinite: bool = False) -> None:
+    """`write_outputs` for one plan: every shard not in `finished`, from the sink `open_sink` gives for it."""
+    write_outputs([plan], lambda _k, shard: open_sink(shard), progress, finished=[set(finished)],
+                  on_committed=lambda _k, name, size, crc: on_committed(name, size, crc),
+                  allow_nonfinite=allow_nonfinite)

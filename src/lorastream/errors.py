@@ -19,3 +19,10 @@ class ResourceError(LorastreamError):
     """Not enough memory or disk for the job, decided before anything is written (exit status 3)."""
 
     exit_code = 3
+
+
+class WorkerError(LorastreamError):
+    """A worker process (a Ray task's) was lost more times than it is retried: the system failed, not the input
+    (exit status 5, as for I/O errors)."""
+
+    exit_code = 5

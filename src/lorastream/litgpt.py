@@ -19,7 +19,8 @@ import torch
 
 from .adapters.litgpt import lora_dtype, read_litgpt_adapter
 from .adapters.lora import Adapter, LoraModule
-from .codecs import Source
+from .codecs import Encoding, Source
+from .codecs.bnb4 import Bnb4Encoding, RoundTripSource
 from .errors import InputError
 from .formats.hf import HFModel, read_json
 from .formats.litgpt import CONFIG_FILE, MODEL_FILE, Attention, LoraRun, join_ranges
@@ -47,11 +48,25 @@ def _targets_of(adapter: Adapter) -> set[str]:
     return {f"{lora.module}.weight" for lora in adapter.modules.values()}
 
 
-def litgpt_view(base: HFModel, adapter: Adapter, dtype: torch.dtype) -> HFModel:
-    """The base as merged into `lit_model.pth`: same names, LoRA targets rounded to `dtype` first."""
+def litgpt_view(base: HFModel, adapter: Adapter, dtype: torch.dtype, trained_on: Bnb4Encoding | None) -> HFModel:
+    """The base as merged into `lit_model.pth`: same names, LoRA targets rounded to `dtype` first.
+
+    With `trained_on`, every linear weight is read as QLoRA training saw it, `dequantize(quantize(W))`.
+    """
     targets = _targets_of(adapter)
-    sources = {name: _source(name, [ref], dtype if name in targets else None) for name, ref in base.tensors.items()}
+    sources: dict[str, Source] = {}
+    for name, ref in base.tensors.items():
+        round_to = dtype if name in targets else None
+        if trained_on is not None and is_linear_weight(name, ref):
+            sources[name] = RoundTripSource(ref, trained_on, round_to)
+        else:
+            sources[name] = _source(name, [ref], round_to)
     return dataclasses.replace(base, sources=sources)
+
+
+def is_linear_weight(name: str, ref: TensorRef) -> bool:
+    """What `litgpt finetune lora --quantize bnb.*` quantizes: every `nn.Linear` (lm_head too), not embeddings."""
+    return name.endswith(".weight") and len(ref.shape) == 2 and name != "transformer.wte.weight"
 
 
 @dataclass(frozen=True)
@@ -236,22 +251,29 @@ def hf_config(c: dict[str, Any], family: Family, attention: Attention, *, tied: 
 
 
 def plan_litgpt(run: LoraRun, base: HFModel, out_dir: Path, *, fmt: str, dtype: torch.dtype | None, budget: int,
-                baseline: int, disk_free: int, max_shard_size: int) -> Plan:
+                baseline: int, disk_free: int, max_shard_size: int, quantize: Encoding | None = None,
+                trained_on: Bnb4Encoding | None = None) -> Plan:
     """Plan merging a LoRA run into `base`, written as `lit_model.pth` (fmt "litgpt") or a Hugging Face folder.
 
     The merged dtype is `litgpt merge_lora`'s, the LoRA weights' one, unless `dtype` is given; LoRA updates
-    are computed and added in it, as LitGPT does.
+    are computed and added in it, as LitGPT does. `quantize` (fmt "hf" only) writes linear weights in
+    bitsandbytes' format; `trained_on` (fmt "litgpt" only) merges into the base as QLoRA training saw it.
     """
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if quantize is not None and fmt != "hf":
+        raise InputError("--quantize needs --format hf: lit_model.pth holds dense weights only")
+    if trained_on is not None and fmt != "litgpt":
+        raise InputError("--trained-on needs --format litgpt (the fused qkv is quantized whole, before --format hf "
+                         "splits it); merge to lit_model.pth and convert it with `litgpt convert_from_litgpt`")
     merged = dtype or lora_dtype(run)
     adapter = read_litgpt_adapter(run, merged)
     if fmt == "hf":
         view, adapter = hf_view(base, adapter, merged, run.companions(base))
     else:
-        view = litgpt_view(base, adapter, merged)
+        view = litgpt_view(base, adapter, merged, trained_on)
     job = make_plan(view, [(adapter, 1.0)], out_dir, budget=budget, baseline=baseline, disk_free=disk_free,
-                    max_shard_size=max_shard_size, dtype=merged)
+                    max_shard_size=max_shard_size, dtype=merged, quantize=quantize)
     if fmt == "hf":
         return job
     shard = Shard(MODEL_FILE, job.tensors)

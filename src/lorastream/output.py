@@ -5,8 +5,6 @@ produced it."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,12 +14,13 @@ from .codecs.bnb4 import Bnb4Encoding
 from .errors import InputError
 from .formats.hf import SAFETENSORS_INDEX
 from .planner import Plan, skip_modules
+from .storage import Location, copy_file
 
 PROVENANCE_FILE = "lorastream.json"
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
-def check_destination(out_dir: Path, overwrite: bool) -> None:
+def check_destination(out_dir: Location, overwrite: bool) -> None:
     """Refuse to replace an existing non-empty folder unless asked to."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
@@ -29,7 +28,7 @@ def check_destination(out_dir: Path, overwrite: bool) -> None:
         raise InputError(f"{out_dir}: folder exists and is not empty; pass --overwrite to replace it")
 
 
-def write_companions(plan: Plan, folder: Path, record: dict[str, Any]) -> None:
+def write_companions(plan: Plan, folder: Location, record: dict[str, Any]) -> None:
     """Index, config.json (dtype updated), tokenizer and other files of the base, and the provenance record."""
     if len(plan.shards) > 1:
         index = {"metadata": {"total_size": plan.total_size},
@@ -46,7 +45,7 @@ def write_companions(plan: Plan, folder: Path, record: dict[str, Any]) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for path in plan.base.companion_files:
         if path.name != PROVENANCE_FILE:
-            shutil.copy2(path, folder / path.name)
+            copy_file(path, folder / path.name)
     (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,20 +134,33 @@ class Shard:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """How the budget is spent: measured baseline, adapter tensors, and the reused row-block buffers."""
+    """How the budget is spent: measured baseline, adapter tensors, and the reused row-block buffers.
+
+    `in_flight` names every buffer the engine holds at once, each with its bytes per row-block element.
+    """
 
     budget: int
     baseline: int
     reserve: int
     adapter_peak: int
-    bytes_per_element: int
     block_elements: int
     min_block_elements: int
+    in_flight: tuple[tuple[str, int], ...] = ()
+    io_buffers: int = 0  # remote storage: ranged-read copies and the multipart upload buffer
+
+    @property
+    def bytes_per_element(self) -> int:
+        return sum(size for _, size in self.in_flight)
+
+    def describe_buffers(self) -> str:
+        """`2 input blocks (one read ahead): 4 B + ...`: what a row-block element costs, buffer by buffer."""
+        return " + ".join(f"{what}: {size} B" for what, size in self.in_flight)
 
     @property
     def minimum(self) -> int:
         """The smallest budget with which the job can run."""
-        return self.baseline + self.reserve + self.adapter_peak + self.min_block_elements * self.bytes_per_element
+        return (self.baseline + self.reserve + self.io_buffers + self.adapter_peak
+                + self.min_block_elements * self.bytes_per_element)
 
     @property
     def fits(self) -> bool:
@@ -295,25 +309,39 @@ def _shards(tensors: list[OutputTensor], max_shard_size: int) -> tuple[Shard, ..
                  for filename, names in split.filename_to_tensors.items())
 
 
-def _memory_plan(tensors: list[OutputTensor], budget: int, baseline: int) -> MemoryPlan:
-    decoded = [t for t in tensors if not t.is_copy]
+def _adapter_bytes(tensor: OutputTensor) -> int:
+    """What one output holds while it computes `tensor`: its LoRA factors, DoRA magnitude, encoder state."""
+    return (sum(d.fp32_bytes for d in tensor.deltas) + (tensor.magnitude.numel * 8 if tensor.magnitude else 0)
+            + (tensor.encoding.state_bytes(tensor.source.numel) if tensor.encoding else 0))
+
+
+def _memory_plan(outputs: Sequence[Sequence[OutputTensor]], budget: int, baseline: int,
+                 io_buffers: int = 0) -> MemoryPlan:
+    """The budget of one pass producing every output (their tensors position by position) block by block."""
+    decoded = [t for tensors in outputs for t in tensors if not t.is_copy]
     if not decoded:
-        return MemoryPlan(budget, baseline, RESERVE_BYTES, 0, 0, 0, 0)
+        return MemoryPlan(budget, baseline, RESERVE_BYTES, 0, 0, 0, io_buffers=io_buffers)
     in_item = max(t.source.decode_bytes_per_element for t in decoded)
     out_item = max(max(t.dtype.itemsize for t in decoded), 1)
-    fp32 = 8 if any(t.needs_fp32 for t in decoded) else 0  # the float32 work block and the delta block
-    # DoRA on a transposed weight sums squares over row blocks in float64 (the square and its block).
-    column_norms = 16 if any(t.magnitude is not None and t.deltas[0].transposed for t in decoded) else 0
-    # two output blocks: one being written behind while the next is computed
+    in_flight = [("2 input blocks (one read ahead)", 2 * in_item),
+                 (f"{len(outputs) + 1} output blocks (written behind)", (len(outputs) + 1) * out_item)]
+    if any(t.needs_fp32 for t in decoded):
+        in_flight.append(("float32 work and LoRA product", 8))
+    if any(t.magnitude is not None and t.deltas[0].transposed for t in decoded):
+        in_flight.append(("DoRA column norms in float64", 16))  # the square and its block
     encode = max((t.encoding.encode_bytes_per_element for t in decoded if t.encoding), default=0)
-    per_element = in_item + 2 * out_item + fp32 + column_norms + encode
-    adapter_peak = max((sum(d.fp32_bytes for d in t.deltas) + (t.magnitude.numel * 8 if t.magnitude else 0)
-                        + (t.encoding.state_bytes(t.source.numel) if t.encoding else 0)
-                        + getattr(t.source, "resident_bytes", 0) for t in decoded), default=0)
+    if encode:
+        in_flight.append(("quantizer temporaries", encode))
+    # every output's adapter tensors for one tensor position at once, and each source read there once
+    adapter_peak = max(sum(_adapter_bytes(t) for t in position if not t.is_copy)
+                       + sum({id(t.source): getattr(t.source, "resident_bytes", 0)
+                              for t in position if not t.is_copy}.values()) for position in zip(*outputs, strict=True))
     min_elements = max(t.min_block_rows * t.row_elements for t in decoded)
-    spare = budget - baseline - RESERVE_BYTES - adapter_peak
+    per_element = sum(size for _, size in in_flight)
+    spare = budget - baseline - RESERVE_BYTES - io_buffers - adapter_peak
     elements = max(min_elements, min(MAX_BLOCK_ELEMENTS, spare // per_element))
-    return MemoryPlan(budget, baseline, RESERVE_BYTES, adapter_peak, per_element, elements, min_elements)
+    return MemoryPlan(budget, baseline, RESERVE_BYTES, adapter_peak, elements, min_elements, tuple(in_flight),
+                      io_buffers)
 
 
 # Weights transformers keeps dense when it quantizes a model (embeddings, the output head).
@@ -335,50 +363,86 @@ def _is_quantizable(tensor: OutputTensor, base: HFModel) -> bool:
     return linear and not skipped and not _KEPT_DENSE.search(tensor.name)
 
 
-def _trained_on(tensor: OutputTensor, base: HFModel, encoding: Bnb4Encoding) -> OutputTensor:
-    """Read a dense linear weight through 4-bit quantization, as QLoRA training saw it."""
+def _trained_on(tensor: OutputTensor, base: HFModel, encoding: Bnb4Encoding,
+                round_trips: dict[str, RoundTripSource]) -> OutputTensor:
+    """Read a dense linear weight through 4-bit quantization, as QLoRA training saw it (one source per base
+    tensor in `round_trips`, so outputs of one pass read it once)."""
     if not _is_quantizable(tensor, base) or tensor.is_replacement:
         return tensor
     if not isinstance(tensor.source, TensorRef):
         raise InputError(f"{tensor.source.path}: {tensor.name} is already quantized; --trained-on applies to a "
                          "dense base")
-    return dataclasses.replace(tensor, source=RoundTripSource(tensor.source, encoding))
+    return dataclasses.replace(tensor, source=round_trips.setdefault(tensor.name,
+                                                                     RoundTripSource(tensor.source, encoding)))
 
 
 def make_plan(base: HFModel, adapters: list[tuple[Adapter, float]], out_dir: Path, *, budget: int, baseline: int,
               disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
-              quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None) -> Plan:
+              quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None, io_buffers: int = 0) -> Plan:
     """Plan merging `adapters` (each with its weight) into `base`; pure, from headers only.
 
     `quantize` writes linear weights quantized; `trained_on` reads dense linear weights through that 4-bit
-    quantization first (the weights a QLoRA adapter was trained against).
+    quantization first (the weights a QLoRA adapter was trained against); `io_buffers` is what remote storage
+    holds in memory (see `storage.io_buffer_bytes`).
     """
-    frozen = tuple(adapters)
-    found, targets = _collect(base, frozen)
-    tensors = _output_tensors(base, found, dtype)
-    if trained_on is not None:
-        tensors = [_trained_on(t, base, trained_on) for t in tensors]
-    if quantize is not None:
-        if base.model_type in CONV1D_MODEL_TYPES:
-            raise InputError(f"{base.path}: {base.model_type} stores linear layers as Conv1D; writing them "
-                             "quantized is not supported")
-        tensors = [dataclasses.replace(t, encoding=quantize) if _is_quantizable(t, base) else t for t in tensors]
-    shards = _shards(tensors, max_shard_size)
-    disk_needed = sum(s.nbytes for s in shards) + HEADER_ALLOWANCE * len(shards)
-    return Plan(base, frozen, out_dir, tuple(tensors), shards, _memory_plan(tensors, budget, baseline),
-                disk_needed, disk_free, max_shard_size, dtype, targets, quantize)
+    return make_plans(base, [adapters], [out_dir], budget=budget, baseline=baseline, disk_free=disk_free,
+                      max_shard_size=max_shard_size, dtype=dtype, quantize=quantize, trained_on=trained_on,
+                      io_buffers=io_buffers)[0]
 
 
-def describe_shortfall(plan: Plan) -> str | None:
-    """Why the plan cannot run, with the numbers and the option that would make it fit; None when it can."""
-    if not plan.memory.fits:
-        return (f"--max-memory {format_size(plan.memory.budget)} is below the {format_size(plan.memory.minimum)} "
-                f"this job needs (baseline {format_size(plan.memory.baseline)}, adapter tensors "
-                f"{format_size(plan.memory.adapter_peak)}, smallest row block "
-                f"{format_size(plan.memory.min_block_elements * plan.memory.bytes_per_element)}); "
-                f"use --max-memory {math.ceil(plan.memory.minimum / 2**20)}MiB or more")
-    if not plan.fits_disk:
-        return (f"{plan.out_dir}: the output needs {format_size(plan.disk_needed)} and only "
-                f"{format_size(plan.disk_free)} is free there; free {format_size(plan.disk_needed - plan.disk_free)} "
+def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_dirs: Sequence[Path], *, budget: int,
+               baseline: int, disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
+               quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None,
+               io_buffers: int = 0) -> list[Plan]:
+    """Plan each of `jobs` (adapters with weights) merged into `base` on its own, all produced in one pass over
+    the base (`merge --each`): a base tensor is one source for every plan, so the engine reads each row block
+    once, and the plans share one memory plan that holds every output's buffers and adapter tensors."""
+    if quantize is not None and base.model_type in CONV1D_MODEL_TYPES:
+        raise InputError(f"{base.path}: {base.model_type} stores linear layers as Conv1D; writing them "
+                         "quantized is not supported")
+    round_trips: dict[str, RoundTripSource] = {}
+    planned = []
+    for adapters in jobs:
+        frozen = tuple(adapters)
+        found, targets = _collect(base, frozen)
+        tensors = _output_tensors(base, found, dtype)
+        if trained_on is not None:
+            tensors = [_trained_on(t, base, trained_on, round_trips) for t in tensors]
+        if quantize is not None:
+            tensors = [dataclasses.replace(t, encoding=quantize) if _is_quantizable(t, base) else t for t in tensors]
+        shards = _shards(tensors, max_shard_size)
+        if planned and layout(shards) != layout(planned[0][3]):
+            raise InputError(f"{frozen[0][0].source}: adds tensors the base does not have, so its output is laid "
+                             "out unlike the others'; merge it on its own")
+        planned.append((frozen, targets, tensors, shards))
+    memory = _memory_plan([tensors for _, _, tensors, _ in planned], budget, baseline, io_buffers)
+    return [Plan(base, frozen, out_dir, tuple(tensors), shards, memory,
+                 sum(s.nbytes for s in shards) + HEADER_ALLOWANCE * len(shards), disk_free, max_shard_size, dtype,
+                 targets, quantize)
+            for (frozen, targets, tensors, shards), out_dir in zip(planned, out_dirs, strict=True)]
+
+
+def layout(shards: Sequence[Shard]) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Every shard's file name with its tensors' names and sizes: what one pass needs its outputs to share."""
+    return [(s.filename, [(t.name, t.nbytes) for t in s.tensors]) for s in shards]
+
+
+def describe_shortfall(plan: Plan, *others: Plan) -> str | None:
+    """Why the plan (with the `others` of its pass, which share its memory and disk) cannot run, with the
+    numbers and the option that would make it fit; None when it can."""
+    memory = plan.memory
+    if not memory.fits:
+        return (f"--max-memory {format_size(memory.budget)} is below the {format_size(memory.minimum)} "
+                f"this job needs (baseline {format_size(memory.baseline)}, adapter tensors "
+                f"{format_size(memory.adapter_peak)}, "
+                + (f"remote I/O buffers {format_size(memory.io_buffers)}, " if memory.io_buffers else "")
+                + "smallest row block "
+                f"{format_size(memory.min_block_elements * memory.bytes_per_element)}: {memory.min_block_elements:,} "
+                f"elements x ({memory.describe_buffers()})); use --max-memory {math.ceil(memory.minimum / 2**20)}MiB "
+                "or more")
+    needed = plan.disk_needed + sum(p.disk_needed for p in others)
+    if plan.disk_free < needed:
+        return (f"{plan.out_dir}: the output needs {format_size(needed)} and only "
+                f"{format_size(plan.disk_free)} is free there; free {format_size(needed - plan.disk_free)} "
                 "or choose another -o folder")
     return None

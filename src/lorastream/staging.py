@@ -21,20 +21,22 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .storage import Location, RemotePath, fingerprint
 
 MANIFEST = "lorastream-manifest.json"
 _CHUNK = 1 << 20
 
 
-def job_id(inputs: Sequence[Path], options: dict[str, Any], version: str) -> str:
-    """Identity of a merge: every input file's path, size and mtime, the options that shape the output."""
+def job_id(inputs: Sequence[Location], options: dict[str, Any], version: str) -> str:
+    """Identity of a merge: every input file's path, size and mtime (remote: checksum), the options that
+    shape the output."""
     files = sorted({str(p.resolve()): p for p in inputs}.items())
-    described = [(name, p.stat().st_size, p.stat().st_mtime_ns) for name, p in files]
+    described = [(name, *fingerprint(p)) for name, p in files]
     text = json.dumps({"inputs": described, "options": options, "version": version}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def file_crc32(path: Path) -> int:
+def file_crc32(path: Location) -> int:
     crc = 0
     with path.open("rb", buffering=0) as f:
         buffer = bytearray(_CHUNK)
@@ -68,8 +70,9 @@ class Staging:
         return set(self.shards)
 
     def record(self, filename: str, size: int, crc32: int) -> None:
-        """Note a committed shard (size and CRC-32), atomically; called on the writer thread."""
-        self.shards[filename] = {"size": size, "crc32": crc32}
+        """Note a committed shard (size and CRC-32), atomically; called on the writer thread (or, for Ray, the
+        driver as tasks report, in any order: kept sorted, so the record is the same however it was written)."""
+        self.shards = dict(sorted({**self.shards, filename: {"size": size, "crc32": crc32}}.items()))
         self._save()
 
     def _save(self) -> None:
@@ -92,9 +95,7 @@ class Staging:
         kept: dict[str, dict[str, int]] = {}
         if isinstance(manifest, dict) and manifest.get("job") == self.job:
             for name, info in (manifest.get("shards") or {}).items():
-                shard = self.path / str(name)
-                if (isinstance(info, dict) and shard.is_file() and shard.stat().st_size == info.get("size")
-                        and file_crc32(shard) == info.get("crc32")):
+                if isinstance(info, dict) and self._proves(str(name), info, manifest):
                     kept[str(name)] = info
         for entry in self.path.iterdir():
             if entry.name not in kept and entry.name != MANIFEST:
@@ -102,14 +103,59 @@ class Staging:
         self.shards = kept
         self._save()
 
+    def _proves(self, name: str, info: dict[str, Any], manifest: dict[str, Any]) -> bool:
+        """Whether shard `name` still holds what the manifest says was committed."""
+        shard = self.path / name
+        return shard.is_file() and shard.stat().st_size == info.get("size") and file_crc32(shard) == info.get("crc32")
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def promote(self, out_dir: Path) -> None:
+        """Replace `out_dir` by the complete staging folder; an old output is removed only afterwards."""
+        self.manifest_path.unlink()
+        old = out_dir.parent / f".{out_dir.name}.lorastream-old"
+        if old.exists():
+            shutil.rmtree(old)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(self.path, out_dir)
+        _fsync_dir(out_dir.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
 
 @contextmanager
-def staging_for(out_dir: Path, job: str, overwrite: bool) -> Iterator[Staging]:
+def staging_for(out_dir: Location, job: str, overwrite: bool) -> Iterator[Staging]:
     """Lock OUT, prepare (or resume) its staging folder, and clean up on failure.
 
     A failure removes the staging folder; an interruption (Ctrl-C, SIGTERM) keeps it, so the same command
-    resumes. The lock is released when the process ends, however it ends.
+    resumes. The lock is released when the process ends, however it ends. A remote OUT stages under a
+    sibling prefix (see `remote_staging`).
     """
+    with _output_lock(out_dir):
+        if isinstance(out_dir, RemotePath):
+            from .remote_staging import RemoteStaging  # it builds on Staging
+
+            staging: Staging = RemoteStaging(out_dir.parent / f".{out_dir.name}.lorastream-partial", job)
+        else:
+            staging = Staging(out_dir.parent / f".{out_dir.name}.lorastream-partial", job)
+            staging.path.mkdir(exist_ok=True)
+        staging._resume(overwrite)
+        try:
+            yield staging
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            staging.discard()
+            raise
+
+
+@contextmanager
+def _output_lock(out_dir: Location) -> Iterator[None]:
+    """A lock file beside a local OUT; object stores offer no lock, so a remote OUT has none."""
+    if isinstance(out_dir, RemotePath):
+        yield
+        return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = out_dir.parent / f".{out_dir.name}.lorastream.lock"
     lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -119,29 +165,12 @@ def staging_for(out_dir: Path, job: str, overwrite: bool) -> Iterator[Staging]:
         except BlockingIOError:
             raise InputError(f"{out_dir}: another lorastream merge is writing this output now; wait for it "
                              "to finish or choose another -o folder") from None
-        staging = Staging(out_dir.parent / f".{out_dir.name}.lorastream-partial", job)
-        staging.path.mkdir(exist_ok=True)
-        staging._resume(overwrite)
-        try:
-            yield staging
-        except KeyboardInterrupt:
-            raise
-        except BaseException:
-            shutil.rmtree(staging.path, ignore_errors=True)
-            raise
+        yield
     finally:
         lock_path.unlink(missing_ok=True)
         os.close(lock_fd)
 
 
-def promote(staging: Staging, out_dir: Path) -> None:
-    """Replace `out_dir` by the complete staging folder; an old output is removed only afterwards."""
-    staging.manifest_path.unlink()
-    old = out_dir.parent / f".{out_dir.name}.lorastream-old"
-    if old.exists():
-        shutil.rmtree(old)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(staging.path, out_dir)
-    _fsync_dir(out_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)
+def promote(staging: Staging, out_dir: Location) -> None:
+    """Put the complete staging folder in place of `out_dir` (see `Staging.promote`)."""
+    staging.promote(out_dir)  # type: ignore[arg-type]

@@ -368,10 +368,12 @@ def tensor_bytes(tensor: torch.Tensor) -> bytearray:
 class RoundTripSource(SameGeometry):
     """A dense weight seen through bitsandbytes 4-bit, `dequantize(quantize(W))`: what a QLoRA adapter was
     trained against. Double quantization needs every block's absmax first, so the first read makes one
-    pass over the tensor to collect them (numel / blocksize floats)."""
+    pass over the tensor to collect them (numel / blocksize floats). `round_to` rounds the decoded values to
+    another dtype (LitGPT merges in the LoRA weights' dtype)."""
 
     inner: Source
     encoding: Bnb4Encoding
+    round_to: torch.dtype | None = None
     _absmax: torch.Tensor | None = None
 
     @property
@@ -384,11 +386,11 @@ class RoundTripSource(SameGeometry):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.inner.dense_dtype
+        return self.round_to or self.inner.dense_dtype
 
     @property
     def dense_dtype(self) -> torch.dtype:
-        return self.inner.dense_dtype
+        return self.dtype
 
     @property
     def stored_bytes(self) -> int:
@@ -431,4 +433,4 @@ class RoundTripSource(SameGeometry):
         blocks = math.ceil(values.numel() / self.encoding.blocksize)
         decoded = scale_blocks(quantizer.code[codes.long()], absmax[first_block:first_block + blocks],
                                self.encoding.blocksize)
-        return decoded.to(self.dtype).view(values.shape)
+        return decoded.to(self.inner.dense_dtype).to(self.dtype).view(values.shape)

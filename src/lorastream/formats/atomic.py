@@ -14,8 +14,13 @@ class AtomicFile:
         self.temp_path = path.with_name(f".{path.name}.partial")
         self.fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
+    def write(self, view: memoryview | bytes) -> int:
+        return os.write(self.fd, view)
+
     def finish(self) -> None:
         os.fsync(self.fd)
+        if hasattr(os, "posix_fadvise"):  # on disk now: drop its pages, so a large merge does not flood the cache
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(self.fd)
         os.replace(self.temp_path, self.path)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..storage import Location, RemoteFile, RemotePath
 from .atomic import AtomicFile
 from .tensor_ref import TensorRef
 
@@ -147,12 +148,12 @@ class ShardWriter:
     so a reader never sees a partial shard under its final name.
     """
 
-    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str]):
+    def __init__(self, path: Location, specs: list[TensorSpec], metadata: dict[str, str]):
         self.path = path
-        self._file = AtomicFile(path)
-        self.temp_path, self.fd = self._file.temp_path, self._file.fd
         header = encode_header(specs, metadata)
         self._expected = len(header) + sum(spec.nbytes for spec in specs)
+        self._file = RemoteFile(path, self._expected) if isinstance(path, RemotePath) else AtomicFile(path)
+        self.temp_path, self.fd = self._file.temp_path, self._file.fd
         self._written = 0
         self.crc32 = 0  # of everything written so far, for the resume manifest
         self.write(header)
@@ -165,12 +166,14 @@ class ShardWriter:
         view = memoryview(chunk).cast("B")
         self.crc32 = zlib.crc32(view, self.crc32)
         while view:
-            done = os.write(self.fd, view)
+            done = self._file.write(view)
             view = view[done:]
             self._written += done
 
     def copy_from(self, fd: int, offset: int, count: int) -> bool:
         """Append `count` bytes of `fd` from `offset` inside the kernel; False if this kernel cannot."""
+        if self.fd is None:
+            return False
         copied = 0
         while copied < count:
             try:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from ..storage import Location, RemotePath
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class TensorRef:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    path: Path
+    path: Location
     offset: int
 
     @property
@@ -67,19 +67,26 @@ class TensorRef:
         itemsize = self.dtype.itemsize
         nbytes = count * itemsize
         view = buffer[:nbytes]
+        if isinstance(self.path, RemotePath):
+            if self.path.read_into(self.offset + first * itemsize, view) < nbytes:
+                raise InputError(f"{self.path}: tensor {self.name!r} ends past the end of the file (truncated?)")
+        else:
+            self._pread(view, self.offset + first * itemsize)
+        if count == 0:
+            return torch.empty(0, dtype=self.dtype)
+        return torch.frombuffer(view, dtype=self.dtype, count=count)
+
+    def _pread(self, view: memoryview, offset: int) -> None:
         fd = os.open(self.path, os.O_RDONLY)
         try:
             done = 0
-            while done < nbytes:
-                got = os.preadv(fd, [view[done:]], self.offset + first * itemsize + done)
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], offset + done)
                 if got == 0:
                     raise InputError(f"{self.path}: tensor {self.name!r} ends past the end of the file (truncated?)")
                 done += got
         finally:
             os.close(fd)
-        if count == 0:
-            return torch.empty(0, dtype=self.dtype)
-        return torch.frombuffer(view, dtype=self.dtype, count=count)
 
     def read_rows(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor:
         """Rows [start, stop) as a [rows, row_elements] tensor viewing `buffer`."""

@@ -162,7 +162,7 @@ def _data_offset(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) ->
 def load_structure(path: Path) -> Any:
     """Replay the pickle of a torch zip checkpoint; tensors come back as `TensorRef`s (without names)."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with path.open("rb") as source, zipfile.ZipFile(source) as archive:
             pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
                 raise InputError(f"{path}: not a torch zip checkpoint (expected one <name>/data.pkl)")

@@ -4,6 +4,8 @@
 is laid out from the tensor specs alone, entry for entry as PyTorch's own writer (`PyTorchStreamWriter`,
 miniz) lays it out: stored entries with data descriptors, tensor bytes aligned to 64 bytes by an "FB" extra
 field, zip64 records, so `torch.load` (also with `mmap=True` and computed storage offsets) reads it as its own.
+Each tensor's CRC-32 is computed on a few threads while its bytes are written; the whole file's CRC (for the
+resume manifest) is joined from the entries' without another pass.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from ..errors import InputError
 from .atomic import AtomicFile
+from .crc32 import Checksummer, crc32_combine
 from .safetensors import TensorSpec
 from .torchzip import _STORAGE_DTYPES
 
@@ -62,11 +65,12 @@ class _Pickler(pickle.Pickler):
         return obj.persistent_id if isinstance(obj, _StorageRecord) else None
 
 
-def state_dict_pickle(specs: list[TensorSpec]) -> bytes:
-    """The `data.pkl` torch.save writes for a dict of contiguous tensors, storage keys "0", "1", ... in order."""
+def state_dict_pickle(specs: list[TensorSpec], wrap: str | None = None) -> bytes:
+    """The `data.pkl` torch.save writes for a dict of contiguous tensors, storage keys "0", "1", ... in order;
+    with `wrap`, for `{wrap: that dict}` (LitGPT's `{"model": ...}`)."""
     state = {spec.name: _TensorRecord(_StorageRecord(str(i), spec), spec.shape) for i, spec in enumerate(specs)}
     buffer = io.BytesIO()
-    _Pickler(buffer, protocol=2).dump(state)  # torch.save's default protocol
+    _Pickler(buffer, protocol=2).dump({wrap: state} if wrap else state)  # torch.save's default protocol
     return buffer.getvalue()
 
 
@@ -91,10 +95,12 @@ class TorchZipWriter:
     """Writes one torch zip checkpoint whose tensors arrive as byte chunks, in spec order.
 
     Same interface as `safetensors.ShardWriter`: written under a temporary name, renamed by `commit` once
-    every byte arrived. `metadata` has no place in a torch checkpoint and is ignored.
+    every byte arrived. `metadata` has no place in a torch checkpoint and is ignored; `wrap` nests the tensors
+    under that key (see `state_dict_pickle`).
     """
 
-    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None,
+                 wrap: str | None = None):
         self.path = path
         self._file = AtomicFile(path)
         self.temp_path, self.fd = self._file.temp_path, self._file.fd
@@ -104,8 +110,9 @@ class TorchZipWriter:
         self._done: list[_Entry] = []
         self._current: _Entry | None = None
         self._written = 0
-        self.crc32 = 0  # of the whole file so far, for the resume manifest
-        for name, data in (("data.pkl", state_dict_pickle(specs)), (".format_version", b"1"),
+        self.crc32 = 0  # of the whole file so far (between entries), for the resume manifest
+        self._checksummer = Checksummer()
+        for name, data in (("data.pkl", state_dict_pickle(specs, wrap)), (".format_version", b"1"),
                            (".storage_alignment", str(ALIGNMENT).encode()), ("byteorder", b"little")):
             self._record(name, data)
         self._next_tensor()
@@ -118,12 +125,17 @@ class TorchZipWriter:
         return self._written
 
     def _raw(self, data: bytes | memoryview) -> None:
+        """Append bytes whose CRC is accounted elsewhere (an entry's data: its own CRC, joined at its end)."""
         view = memoryview(data)
-        self.crc32 = zlib.crc32(view, self.crc32)
         while view:
             done = os.write(self.fd, view)
             view = view[done:]
             self._written += done
+
+    def _structure(self, data: bytes) -> None:
+        """Append zip structure (headers, descriptors, the directory), checksummed into the file's CRC."""
+        self.crc32 = zlib.crc32(data, self.crc32)
+        self._raw(data)
 
     def _record(self, name: str, data: bytes) -> None:
         """A small entry written whole."""
@@ -145,8 +157,8 @@ class TorchZipWriter:
         padding = -start % ALIGNMENT
         extra = zip64 + b"FB" + struct.pack("<H", padding) + b"Z" * padding
         size_field = 0xFFFFFFFF if entry.size >= ZIP64_LIMIT else 0
-        self._raw(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 0, entry.flags, 0, 0, 0, 0, size_field, size_field,
-                              len(entry.name), len(extra)) + entry.name + extra)
+        self._structure(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 0, entry.flags, 0, 0, 0, 0, size_field,
+                                    size_field, len(entry.name), len(extra)) + entry.name + extra)
         self._current = entry
         if entry.size == 0:
             self._end()
@@ -154,9 +166,10 @@ class TorchZipWriter:
     def _end(self) -> None:
         entry = self._current
         assert entry is not None
+        self.crc32 = crc32_combine(self.crc32, entry.crc, entry.size)
         if entry.size:
             fmt = "<4sIQQ" if entry.zip64 else "<4sIII"
-            self._raw(struct.pack(fmt, b"PK\x07\x08", entry.crc, entry.size, entry.size))
+            self._structure(struct.pack(fmt, b"PK\x07\x08", entry.crc, entry.size, entry.size))
         self._done.append(entry)
         self._current = None
 
@@ -171,8 +184,9 @@ class TorchZipWriter:
             if entry is None:
                 raise AssertionError(f"{self.path}: more bytes than the tensors of the checkpoint hold")
             part = view[: entry.remaining]
+            checksum = self._checksummer.start(part)
             self._raw(part)
-            entry.crc = zlib.crc32(part, entry.crc)
+            entry.crc = checksum(entry.crc)
             entry.remaining -= len(part)
             view = view[len(part):]
             if entry.remaining == 0:
@@ -187,10 +201,12 @@ class TorchZipWriter:
         if self._current is not None or self._pending:
             raise AssertionError(f"{self.path}: committed before every tensor was written")
         self._record("version", b"3\n")
-        self._raw(self._central_directory())
+        self._structure(self._central_directory())
         self._file.finish()
+        self._checksummer.close()
 
     def abort(self) -> None:
+        self._checksummer.close()
         self._file.discard()
 
     def _central_directory(self) -> bytes:

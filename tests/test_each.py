@@ -1,0 +1,104 @@
+"""`merge --each`: many adapters, one pass over the base, one output per adapter identical to its own merge."""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import build_case, tiny_llama
+
+from lorastream import api
+from lorastream.errors import InputError
+from lorastream.formats.tensor_ref import TensorRef
+
+# Different ranks and targets; all three change q_proj, so a per-output read would read it three times.
+ADAPTERS: dict[str, dict[str, Any]] = {
+    "alpha": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "beta": {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj", "lm_head"], "use_rslora": True},
+    "gamma": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "o_proj"], "use_dora": True,
+              "modules_to_save": ["embed_tokens"]},
+}
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A tiny Llama base and three PEFT adapters for it, in folders named after the adapters."""
+    root = tmp_path_factory.mktemp("each")
+    adapters = []
+    for name, lora in ADAPTERS.items():
+        case = build_case(root / f"build-{name}", tiny_llama(), torch.bfloat16, **lora)
+        adapters.append(case.adapter.rename(root / name))
+    return case.base, adapters
+
+
+def _merge_alone_and_each(three: tuple[Path, list[Path]], tmp_path: Path, **options: Any) -> list[tuple[Path, Path]]:
+    base, adapters = three
+    results = api.merge_each(base, adapters, tmp_path / "each", max_memory="4GiB", **options)
+    assert [r.out_dir for r in results] == [tmp_path / "each" / a.name for a in adapters]
+    pairs = []
+    for adapter in adapters:
+        alone = api.merge(base, adapter, tmp_path / "alone" / adapter.name, max_memory="4GiB", **options).out_dir
+        pairs.append((alone, tmp_path / "each" / adapter.name))
+    return pairs
+
+
+@pytest.mark.parametrize("options", [{}, {"dtype": "float16", "quantize": "nf4", "trained_on": "nf4"}],
+                         ids=["plain", "fp16-nf4-qlora"])
+def test_each_output_is_byte_identical_to_merging_its_adapter_alone(
+        three: tuple[Path, list[Path]], tmp_path: Path, smallest_blocks: None, options: dict[str, Any]) -> None:
+    for alone, each in _merge_alone_and_each(three, tmp_path, **options):
+        names = sorted(p.name for p in alone.iterdir())
+        assert names == sorted(p.name for p in each.iterdir())
+        _, mismatch, errors = filecmp.cmpfiles(alone, each, names, shallow=False)
+        assert (mismatch, errors) == ([], []), f"{each.name}: files differ from the merge alone"
+
+
+def test_base_rows_are_read_once_for_all_outputs(three: tuple[Path, list[Path]], tmp_path: Path,
+                                                 smallest_blocks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, adapters = three
+    reads: Counter[tuple[str, int, int]] = Counter()
+    read = TensorRef.read_elements_into
+
+    def counting(self: TensorRef, first: int, count: int, buffer: memoryview) -> torch.Tensor:
+        if self.path.parent == base:
+            reads[(self.name, first, count)] += 1
+        return read(self, first, count, buffer)
+
+    monkeypatch.setattr(TensorRef, "read_elements_into", counting)
+    api.merge_each(base, adapters, tmp_path / "out", max_memory="4GiB")
+    read_tensors = {name for name, _, _ in reads}
+    assert len(reads) > len(read_tensors), "expected a tensor read in several row blocks"
+    assert max(reads.values()) == 1, f"base rows read more than once: {[k for k, n in reads.items() if n > 1]}"
+    computed = {t.name for job in api.plan_each(base, adapters, tmp_path / "x") for t in job.tensors if not t.is_copy
+                and t.origin == "base"}
+    assert "model.layers.0.self_attn.q_proj.weight" in computed  # changed by all three adapters
+    assert read_tensors == computed  # every computed base tensor read, unchanged ones copied in the kernel
+
+
+def test_duplicate_adapter_folder_names_are_refused(three: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    base, adapters = three
+    twin = tmp_path / "elsewhere" / adapters[0].name
+    shutil.copytree(adapters[0], twin)
+    with pytest.raises(InputError, match="share the folder name 'alpha'"):
+        api.merge_each(base, [adapters[0], twin], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_each_writes_one_folder_per_adapter_and_refuses_weights(three: tuple[Path, list[Path]],
+                                                                    tmp_path: Path) -> None:
+    base, adapters = three
+    cli = [sys.executable, "-m", "lorastream", "merge", str(base), "--each", *map(str, adapters[:2]),
+           "-o", str(tmp_path / "out")]
+    refused = subprocess.run([*cli, "--weights", "1,1"], capture_output=True, text=True, check=False)
+    assert refused.returncode == 2 and "--weights" in refused.stderr and "--each" in refused.stderr
+    done = subprocess.run([*cli, "--quiet", "--max-memory", "4GiB"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["alpha", "beta"]
+    assert done.stderr.count("wrote ") == 2
