@@ -159,6 +159,14 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def remove_output(path: Path) -> None:
+    """Remove a tool's output and any hidden sidecar beside it (``.OUT.lorastream-partial`` and ``.lock`` from a
+    lorastream run that failed or was killed), so no run leaves disk behind."""
+    for sidecar in path.parent.glob(f".{path.name}.*"):
+        remove(sidecar)
+    remove(path)
+
+
 def warm_page_cache(paths: list[Path]) -> None:
     """Read every file under ``paths`` once (``cat > /dev/null``), so a timed run starts from a warm cache."""
     files = sorted(str(f) for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
@@ -240,7 +248,7 @@ def tools_for(size: str, model: dict[str, Any], out_root: Path, paths: Paths, bu
 def run_once(tool: Tool, log_stem: Path, timeout: float | None) -> RunResult:
     """Run ``tool`` once under ``/usr/bin/time -v`` from a clean output and a warm cache; skip it (as failed) if
     its output would leave less than ``DISK_MARGIN`` free."""
-    remove(tool.output)
+    remove_output(tool.output)
     free = shutil.disk_usage(tool.output.parent).free
     if free < tool.output_bytes + DISK_MARGIN:
         return RunResult(exit_status=-1, error=f"skipped: its output needs {tool.output_bytes / 1e9:.1f} GB (+ "
@@ -260,7 +268,7 @@ def run_once(tool: Tool, log_stem: Path, timeout: float | None) -> RunResult:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            remove(tool.output)
+            remove_output(tool.output)
             return RunResult(exit_status=-signal.SIGKILL, error=f"timed out after {timeout:g} s", logs=logs)
     report = Path(logs["time"]).read_text(errors="replace") if Path(logs["time"]).is_file() else ""
     fields = parse_time_report(report)
@@ -280,7 +288,7 @@ def run_once(tool: Tool, log_stem: Path, timeout: float | None) -> RunResult:
         result.error = f"exited 0 but wrote no {tool.output}"
     else:
         result.output_bytes = tree_bytes(tool.output)
-    remove(tool.output)
+    remove_output(tool.output)
     return result
 
 
@@ -290,7 +298,8 @@ def summarize(runs: list[RunResult], argv: list[str]) -> dict[str, Any]:
     failed = [r for r in runs if r.error]
     if failed or not runs:
         bad = failed[0] if failed else RunResult(exit_status=-1, error="not run")
-        summary.update(status="failed", exit_status=bad.exit_status, error=bad.error)
+        skipped = bool(bad.error and bad.error.startswith("skipped"))
+        summary.update(status="skipped" if skipped else "failed", exit_status=bad.exit_status, error=bad.error)
         return summary
     walls = [r.wall_s for r in runs if r.wall_s is not None]
     rss = [r.peak_rss_kib / 1024 for r in runs if r.peak_rss_kib is not None]
@@ -480,7 +489,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             label = TOOL_LABELS.get(name, name)
             if tool["status"] != "ok":
                 error = str(tool.get("error", "")).replace("|", "\\|")[:160]
-                lines.append(f"| {label} | failed (exit {tool['exit_status']}): {error} | - | - | - | - |")
+                status = error if tool["status"] == "skipped" else f"failed (exit {tool['exit_status']}): {error}"
+                lines.append(f"| {label} | {status} | - | - | - | - |")
                 continue
             out_gb = tool["output_bytes"] / 1e9 if tool.get("output_bytes") is not None else None
             lines.append(
@@ -572,7 +582,7 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
                 if tool is None:
                     continue
                 if tool["status"] != "ok" or tool.get(key) is None:
-                    ax.text(x, 0.02, "failed", rotation=90, ha="center", va="bottom", fontsize=8,
+                    ax.text(x, 0.02, tool["status"], rotation=90, ha="center", va="bottom", fontsize=8,
                             color="red", transform=ax.get_xaxis_transform())
                     continue
                 ax.bar(x, tool[key], width, color=f"C{TOOLS.index(name)}", label=TOOL_LABELS[name],

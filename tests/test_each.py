@@ -6,6 +6,7 @@ import filecmp
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from conftest import build_case, tiny_llama
 from lorastream import api
 from lorastream.errors import InputError
 from lorastream.formats.tensor_ref import TensorRef
+from lorastream.staging import MANIFEST
 
 # Different ranks and targets; all three change q_proj, so a per-output read would read it three times.
 ADAPTERS: dict[str, dict[str, Any]] = {
@@ -102,3 +104,35 @@ def test_cli_each_writes_one_folder_per_adapter_and_refuses_weights(three: tuple
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["alpha", "beta"]
     assert done.stderr.count("wrote ") == 2
+
+
+def test_interrupted_each_resumes_every_output_from_its_own_staging(three: tuple[Path, list[Path]],
+                                                                     tmp_path: Path) -> None:
+    base, adapters = three
+    options: dict[str, Any] = {"max_memory": "4GiB", "max_shard_size": "100KB"}
+    written = 0
+
+    def interrupt_midway(n: int) -> None:
+        nonlocal written
+        written += n
+        if written > 500_000:  # of about 3 x 271 kB
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        api.merge_each(base, adapters, tmp_path / "out", progress=interrupt_midway, **options)
+    time.sleep(0.2)  # the writer thread may still commit the shard it was on
+    kept = {}
+    for adapter in adapters:
+        staging = tmp_path / "out" / f".{adapter.name}.lorastream-partial"
+        assert not (tmp_path / "out" / adapter.name).exists() and (staging / MANIFEST).exists()
+        kept[adapter.name] = {p.name: p.stat().st_ino for p in staging.glob("model-*.safetensors")}
+        assert kept[adapter.name], f"{adapter.name}: some shards were finished before the interruption"
+
+    api.merge_each(base, adapters, tmp_path / "out", **options)
+    for adapter in adapters:
+        each = tmp_path / "out" / adapter.name
+        alone = api.merge(base, adapter, tmp_path / "alone" / adapter.name, **options).out_dir
+        names = sorted(p.name for p in alone.iterdir())
+        assert filecmp.cmpfiles(alone, each, names, shallow=False)[1:] == ([], [])
+        for name, inode in kept[adapter.name].items():  # kept, not rewritten
+            assert (each / name).stat().st_ino == inode

@@ -311,6 +311,10 @@ def test_verify_accepts_litgpt_merge_lora_output_and_catches_tampering(litgpt_ca
     api.merge_litgpt(reference, tmp_path / "hf", format="hf", max_shard_size="100KB")
     report = api.verify_litgpt(reference, tmp_path / "hf")
     assert report.ok and len(report.checks) == len(load_output(tmp_path / "hf"))
+    api.merge_litgpt(reference, tmp_path / "nf4", format="hf", quantize="nf4")  # options recorded, then reused
+    assert json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
+    report = api.verify_litgpt(reference, tmp_path / "nf4")
+    assert report.ok and any(c.name.endswith(".quant_state.bitsandbytes__nf4") for c in report.checks)
 
 
 def test_trained_on_merges_into_the_base_bitsandbytes_round_trips(litgpt_cases: Path, tmp_path: Path) -> None:
@@ -331,9 +335,11 @@ def test_trained_on_merges_into_the_base_bitsandbytes_round_trips(litgpt_cases: 
         seen = {}
         for name, weight in dense.items():
             if weight.ndim == 2 and name != "transformer.wte.weight":
-                packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type=quant_type,
+                # flat, as CUDA (where QLoRA trains) blocks any shape; bitsandbytes' CPU kernel blocks a 2-D
+                # weight row by row when its width (here mlp.proj's 160) is not a multiple of 64
+                packed, state = bnb.functional.quantize_4bit(weight.reshape(-1), blocksize=64, quant_type=quant_type,
                                                              compress_statistics=quantize.endswith("-dq"))
-                weight = bnb.functional.dequantize_4bit(packed, state)
+                weight = bnb.functional.dequantize_4bit(packed, state).view(weight.shape)
             seen[name] = weight
         torch.save(seen, base / "lit_model.pth")
         _copy_run(case / "run", tmp_path / f"{quant_type}-run", quantize=quantize)
@@ -358,6 +364,8 @@ def test_trained_on_merges_into_the_base_bitsandbytes_round_trips(litgpt_cases: 
     assert not api.verify_litgpt(tmp_path / "nf4-run", recorded.out_dir, trained_on="fp4").ok
     with pytest.raises(InputError, match="--format litgpt"):
         api.plan_litgpt(tmp_path / "nf4-run", tmp_path / "hf", format="hf", trained_on="nf4")
+    with pytest.raises(InputError, match="--format hf"):
+        api.plan_litgpt(tmp_path / "nf4-run", quantize="nf4")
 
 
 def test_checksums_in_parallel_pieces_equal_zlib() -> None:

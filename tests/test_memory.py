@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,20 @@ def test_quantized_output_and_qlora_round_trip_stay_within_budget(wide_case: Cas
     ours = load_output(tmp_path / "out")
     assert ours["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
     assert ours["lm_head.weight"].dtype == torch.bfloat16
+
+
+def test_each_adapter_output_stays_within_budget(wide_case: Case, tmp_path: Path) -> None:
+    """`--each`: three outputs, their adapter tensors and output blocks all within one budget."""
+    budget = budget_for(wide_case, tmp_path)
+    adapters = [tmp_path / name for name in ("one", "two", "three")]
+    for adapter in adapters:
+        shutil.copytree(wide_case.adapter, adapter)
+    done = run_cli("merge", wide_case.base, "--each", *adapters, "-o", tmp_path / "out", "--max-memory", str(budget),
+                   "--json", "--quiet")
+    assert done.returncode == 0, done.stderr
+    summaries = json.loads(done.stdout)
+    assert [s["out_dir"] for s in summaries] == [str(tmp_path / "out" / a.name) for a in adapters]
+    assert summaries[0]["peak_rss"] <= budget
+    reference = peft_reference(wide_case)[1]
+    for adapter in adapters:
+        assert torch.equal(load_output(tmp_path / "out" / adapter.name)["lm_head.weight"], reference["lm_head.weight"])

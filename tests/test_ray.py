@@ -24,14 +24,12 @@ from typing import Any
 import pytest
 import ray
 import s3fs
-import torch
 from click.testing import CliRunner
-from conftest import build_case, tiny_llama
 from test_remote import contents, local_files, remote_files
 
 import lorastream
+from lorastream import demo
 from lorastream.cli import main
-from lorastream.demo import build_demo_adapter, build_demo_model
 from lorastream.staging import MANIFEST
 
 SHARD = "4MB"  # 10 shards, so 10 tasks
@@ -136,8 +134,8 @@ def cluster(s3: tuple[Any, dict[str, str]], tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("ray-inputs")
-    build_demo_model(root / "base")
-    build_demo_adapter(root / "adapter")
+    demo.build_demo_model(root / "base")
+    demo.build_demo_adapter(root / "adapter")
     return root / "base", root / "adapter"
 
 
@@ -183,7 +181,7 @@ def test_a_killed_driver_then_rerun_resumes(cluster: Cluster, inputs: tuple[Path
     out, staging = tmp_path / "out", tmp_path / ".out.lorastream-partial"
     script = tmp_path.parent / f"driver-{tmp_path.name}.py"
     script.write_text(DRIVER)
-    (cluster.faults / "delay").write_text("0.05")  # slow shard writes: the driver is surely killed mid-job
+    (cluster.faults / "delay").write_text("0.2")  # slow shard writes: the driver is surely killed mid-job
     try:
         driver = subprocess.Popen([sys.executable, str(script), cluster.address, json.dumps(cluster.runtime_env),
                                    "merge", *map(str, inputs), "-o", str(out), "--max-shard-size", SHARD,
@@ -225,14 +223,19 @@ def test_batch_jobs_run_as_ray_tasks(cluster: Cluster, inputs: tuple[Path, Path]
     assert not (tmp_path / "two").exists()
 
 
-def test_remote_inputs_and_output(cluster: Cluster, s3: tuple[Any, dict[str, str]], tmp_path: Path) -> None:
+def test_remote_inputs_and_output(cluster: Cluster, s3: tuple[Any, dict[str, str]], tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Workers read the inputs from S3 and upload their shards to the staging prefix there themselves."""
     fs, _ = s3
-    built = build_case(tmp_path, tiny_llama(), torch.bfloat16, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    fs.put(str(built.base), f"{BUCKET}/base", recursive=True)
-    fs.put(str(built.adapter), f"{BUCKET}/adapter", recursive=True)
-    lorastream.merge(built.base, built.adapter, tmp_path / "local", max_shard_size="60KB", max_memory=BUDGET)
-    lorastream.merge(f"s3://{BUCKET}/base", f"s3://{BUCKET}/adapter", f"s3://{BUCKET}/out", max_shard_size="60KB",
+    monkeypatch.setitem(demo.CONFIG, "num_hidden_layers", 1)  # a 7 MB model: S3 here is a Python server
+    monkeypatch.setitem(demo.CONFIG, "vocab_size", 1024)
+    demo.build_demo_model(tmp_path / "base")
+    demo.build_demo_adapter(tmp_path / "adapter")
+    fs.put(str(tmp_path / "base"), f"{BUCKET}/base", recursive=True)
+    fs.put(str(tmp_path / "adapter"), f"{BUCKET}/adapter", recursive=True)
+    lorastream.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "local", max_shard_size="1MB",
+                     max_memory=BUDGET)
+    lorastream.merge(f"s3://{BUCKET}/base", f"s3://{BUCKET}/adapter", f"s3://{BUCKET}/out", max_shard_size="1MB",
                      max_memory=BUDGET, executor="ray")
     merged = remote_files(fs, f"{BUCKET}/out")
     assert sum(name.endswith(".safetensors") for name in merged) > 3

@@ -185,7 +185,8 @@ def test_cli_inspect_and_plan_remote(case: dict[str, Any]) -> None:
     assert remote.memory.io_buffers == storage.io_buffer_bytes([remote.base.path], remote.out_dir, 5 * 10**9,
                                                                4 << 20) > 0
     assert local.memory.io_buffers == 0
-    assert remote.memory.minimum - local.memory.minimum == pytest.approx(remote.memory.io_buffers, abs=8 << 20)
+    assert ((remote.memory.minimum - remote.memory.baseline) - (local.memory.minimum - local.memory.baseline)
+            == remote.memory.io_buffers)
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -201,3 +202,11 @@ def test_remote_errors_are_one_line(case: dict[str, Any], args: list[str], expec
     assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert "hunter2" not in done.output and "Traceback" not in done.output
     assert os.environ.get("AWS_SECRET_ACCESS_KEY", "") not in done.output
+
+
+def test_file_urls_are_local_paths_and_urls_lose_their_secrets() -> None:
+    """`file://` keeps the local fast path (a `Path`); shown URLs never carry user-info or query strings."""
+    assert storage.location("file:///tmp/a%20b/model") == Path("/tmp/a b/model")
+    assert storage.location("relative/folder") == Path("relative/folder")
+    message = 'cannot reach "https://user:hunter2@host:9000/b/k?X-Amz-Signature=hunter2#x" now? retry'
+    assert storage.redact(message) == 'cannot reach "https://host:9000/b/k" now? retry'

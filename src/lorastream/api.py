@@ -188,8 +188,6 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
     started = time.perf_counter()
     if executor not in EXECUTORS:
         raise InputError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
-    if executor == "ray":
-        ray_executor.connect(ray_address)
     out_dir = location(out).absolute()
     _check_output(base, _adapter_paths(adapters), out_dir, overwrite)
     plan_options = {"weights": weights, "max_memory": max_memory, "dtype": dtype, "max_shard_size": max_shard_size,
@@ -198,6 +196,8 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
     shortfall = describe_shortfall(job)
     if shortfall:
         raise ResourceError(shortfall)
+    if executor == "ray":  # before staging: a failure there would discard a resumable partial output
+        ray_executor.connect(ray_address, job.memory.budget)
     record, metadata, job_key = _identity(job, dtype, quantize, trained_on, double_quant)
     with staging_for(out_dir, job_key, overwrite) as staging:
         if executor == "ray":

@@ -30,7 +30,7 @@ import yaml
 
 from . import __version__
 from .adapters.litgpt import QKV_MODULES, read_litgpt_adapter
-from .adapters.peft import PREFIX, _check_config, read_peft_adapter
+from .adapters.peft import PREFIX, check_config, read_peft_adapter
 from .errors import InputError
 from .formats.hf import read_json
 from .formats.litgpt import (
@@ -38,7 +38,7 @@ from .formats.litgpt import (
     HYPERPARAMETERS_FILE,
     LORA_FILE,
     Attention,
-    _companions,
+    find_companions,
     read_lora_run,
     read_yaml,
 )
@@ -184,7 +184,7 @@ def peft_config(tensors: list[AdapterTensor], given: dict[str, Any] | None, lora
     if "lora_alpha" not in config:
         raise InputError(f"{source}: lora_alpha cannot be read from the tensors and there is no {PEFT_CONFIG_FILE} "
                          "beside it; pass --lora-alpha (or --config adapter_config.json)")
-    _check_config(Path(source), config)
+    check_config(Path(source), config)
     if config.get("bias", "none") != "none":
         raise InputError(f"{source}: bias={config['bias']!r} (trained base biases) is not supported yet; "
                          "only bias='none'")
@@ -413,7 +413,7 @@ def extract(checkpoint: str | Path, out: str | Path, *, format: str | None = Non
     recorded = (given or {}).get("checkpoint_dir")
     if base is None and isinstance(recorded, str) and Path(recorded).is_dir():
         folders.append(Path(recorded))
-    companions = list(_companions(*folders))
+    companions = list(find_companions(*folders))
     model_configs = [p for p in companions if p.name == CONFIG_FILE]
     if not model_configs:
         raise InputError(f"{path}: LitGPT needs {CONFIG_FILE} (the architecture) and none is beside the checkpoint "
@@ -475,7 +475,7 @@ def save_lora(model: torch.nn.Module, out: str | Path, *, format: str | None = N
     fields = dataclasses.asdict(config)  # type: ignore[arg-type]
     model_config = {k: v for k, v in fields.items() if not k.startswith("lora_")}
     given = {k: v for k, v in fields.items() if k.startswith("lora_")}
-    companions = list(_companions(Path(base))) if base is not None else []
+    companions = list(find_companions(Path(base))) if base is not None else []
     return _publish_litgpt(tensors, {"checkpoint_dir": None, "precision": None, "quantize": None, **given},
                            model_config, None, None if base is None else str(base), fmt, companions,
                            Path(out).absolute(), job, overwrite, source)

@@ -34,7 +34,8 @@ MIN_UPLOAD_BLOCK = 8 << 20
 MAX_PARTS = 9_000
 # The free space an object store reports: none to run out of.
 NO_DISK_LIMIT = 1 << 62
-_SECRETS = re.compile(r"(?<=://)[^/@]*@|[?#].*$")
+_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+_QUERY = re.compile(r"(://[^\s?#\"']*)[?#][^\s\"']*")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -58,8 +59,9 @@ def _storage_errors(method: _Method) -> _Method:
 
 
 def redact(url: str) -> str:
-    """`url` without the parts that may carry credentials (user:password@, ?query, #fragment)."""
-    return _SECRETS.sub("", url)
+    """`url` (or a message holding URLs) without the parts that may carry credentials: user:password@,
+    ?query, #fragment."""
+    return _QUERY.sub(r"\1", _USERINFO.sub("", url))
 
 
 def is_url(value: str | os.PathLike[str]) -> bool:
@@ -141,9 +143,6 @@ class RemotePath:
         if not parent:
             raise InputError(f"{self}: name a folder inside the bucket, not the bucket itself")
         return RemotePath(self.fs, parent)
-
-    def with_name(self, name: str) -> RemotePath:
-        return self.parent / name
 
     def absolute(self) -> RemotePath:
         return self

@@ -57,7 +57,7 @@ def _adapter_weights(folder: Path) -> dict[str, TensorRef]:
     raise InputError(f"{folder}: no adapter weights (expected adapter_model.safetensors or adapter_model.bin)")
 
 
-def _check_config(path: Path, config: dict[str, Any]) -> None:
+def check_config(path: Path, config: dict[str, Any]) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise InputError(f"{path}: peft_type is {peft_type!r}; lorastream merges LORA adapters only "
@@ -78,7 +78,7 @@ def read_peft_adapter(folder: Path) -> Adapter:
     config = read_json(config_path)
     if not isinstance(config, dict):
         raise InputError(f"{config_path}: expected a JSON object")
-    _check_config(config_path, config)
+    check_config(config_path, config)
     parts: dict[str, dict[str, TensorRef]] = {}
     replacements: dict[str, TensorRef] = {}
     for key, ref in _adapter_weights(folder).items():

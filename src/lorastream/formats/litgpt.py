@@ -100,7 +100,7 @@ def join_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return joined
 
 
-def _companions(*folders: Path) -> tuple[Path, ...]:
+def find_companions(*folders: Path) -> tuple[Path, ...]:
     """Config and tokenizer files, each from the first folder that has it."""
     found: dict[str, Path] = {}
     for folder in folders:
@@ -119,7 +119,7 @@ def open_litgpt_model(folder: Path) -> HFModel:
         raise InputError(f"{folder}: no {MODEL_FILE} (not a LitGPT checkpoint folder?)")
     config = read_yaml(folder / CONFIG_FILE)
     tensors = read_state_dict(path)
-    return HFModel(folder, config, tensors, dict(tensors), "litgpt", (path,), _companions(folder))
+    return HFModel(folder, config, tensors, dict(tensors), "litgpt", (path,), find_companions(folder))
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class LoraRun:
 
     def companions(self, base: HFModel) -> tuple[Path, ...]:
         """The files to ship with a merged checkpoint: the run's copies first, then the base's."""
-        return _companions(self.path, base.path)
+        return find_companions(self.path, base.path)
 
 
 def is_lora_run(folder: Path) -> bool:
