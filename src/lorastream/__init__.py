@@ -2,8 +2,23 @@
 
 __version__ = "0.1.0"
 
-from .api import AdapterResult, MergeResult, extract, inspect, merge, merge_each, plan, plan_each, save_lora, verify
+from .api import (
+    AdapterResult,
+    MergeResult,
+    extract,
+    inspect,
+    merge,
+    merge_each,
+    merge_litgpt,
+    plan,
+    plan_each,
+    plan_litgpt,
+    save_lora,
+    verify,
+    verify_litgpt,
+)
 from .errors import InputError, LorastreamError, ResourceError
 
 __all__ = ["AdapterResult", "InputError", "LorastreamError", "MergeResult", "ResourceError", "__version__",
-           "extract", "inspect", "merge", "merge_each", "plan", "plan_each", "save_lora", "verify"]
+           "extract", "inspect", "merge", "merge_each", "merge_litgpt", "plan", "plan_each", "plan_litgpt", "save_lora",
+           "verify", "verify_litgpt"]

@@ -109,19 +109,21 @@ class _ReadAhead:
 
 
 class _WriteBehind:
-    """Appends to the shards on a background thread while the next blocks are computed.
+    """Appends to the shards on background threads while the next blocks are computed.
 
     `count` output buffers are used in turn; a buffer is handed out again only once its previous write is
-    done, so at most `count` output blocks are ever in flight (the planner budgets them all). Tasks run in
-    submission order on one thread, so every file is written sequentially.
+    done, so at most `count` output blocks are ever in flight (the planner budgets them all). Each output
+    has a lane, one thread running its tasks in submission order, so every file is written sequentially and
+    an output's commits (and staging records) never race; the lanes of several outputs write (and compute
+    their CRC-32) side by side.
     """
 
-    def __init__(self, out_bytes: int, count: int):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-writer")
+    def __init__(self, out_bytes: int, count: int, lanes: int = 1):
+        self._lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lorastream-writer-{lane}")
+                       for lane in range(lanes)]
         self._buffers = [bytearray(out_bytes) for _ in range(count)]
         self._pending: list[Future[None] | None] = [None] * count
         self._turn = 0
-        self._copy_chunk = bytearray(COPY_CHUNK)
         self._outstanding: list[Future[None]] = []
 
     def next_buffer(self) -> bytearray:
@@ -130,19 +132,19 @@ class _WriteBehind:
             pending.result()
         return self._buffers[self._turn]
 
-    def write(self, writer: ShardSink, nbytes: int) -> None:
+    def write(self, lane: int, writer: ShardSink, nbytes: int) -> None:
         """Write the first `nbytes` of the buffer `next_buffer` returned."""
-        future = self._submit(writer.write, memoryview(self._buffers[self._turn])[:nbytes])
+        future = self._submit(lane, writer.write, memoryview(self._buffers[self._turn])[:nbytes])
         self._pending[self._turn] = future
         self._turn = (self._turn + 1) % len(self._buffers)
 
-    def write_bytes(self, writer: ShardSink, data: bytes | bytearray) -> None:
+    def write_bytes(self, lane: int, writer: ShardSink, data: bytes | bytearray) -> None:
         """Append bytes the caller will not touch again (statistics computed after a tensor's blocks)."""
-        self._submit(writer.write, data)
+        self._submit(lane, writer.write, data)
 
-    def copy(self, writer: ShardSink, src: TensorRef) -> None:
-        """Append an unchanged tensor: inside the kernel, else through a chunk buffer of this thread's own."""
-        self._submit(self._copy, writer, src)
+    def copy(self, lane: int, writer: ShardSink, src: TensorRef) -> None:
+        """Append an unchanged tensor: inside the kernel, else through a chunk buffer."""
+        self._submit(lane, self._copy, writer, src)
 
     def _copy(self, writer: ShardSink, src: TensorRef) -> None:
         if isinstance(src.path, RemotePath):  # no file descriptor: ranged reads
@@ -156,28 +158,28 @@ class _WriteBehind:
             os.close(fd)
 
     def _copy_chunks(self, writer: ShardSink, src: TensorRef, read: Callable[[int, memoryview], int]) -> None:
-        """Through this thread's chunk buffer, where the kernel cannot copy from the source to the sink."""
-        chunk = memoryview(self._copy_chunk)
+        """Through a chunk buffer, where the kernel cannot copy from the source to the sink."""
+        chunk = memoryview(bytearray(COPY_CHUNK))
         for start in range(0, src.nbytes, len(chunk)):
             count = min(len(chunk), src.nbytes - start)
             if read(src.offset + start, chunk[:count]) != count:
                 raise InputError(f"{src.path}: tensor {src.name!r} ends past the end of the file")
             writer.write(chunk[:count])
 
-    def _submit(self, fn: Callable[..., None], *args: object) -> Future[None]:
+    def _submit(self, lane: int, fn: Callable[..., None], *args: object) -> Future[None]:
         self._outstanding = [f for f in self._outstanding if not f.done() or f.exception() is not None]
-        future = self._pool.submit(fn, *args)
+        future = self._lanes[lane].submit(fn, *args)
         self._outstanding.append(future)
         return future
 
-    def commit(self, writer: ShardSink, then: Callable[[], None]) -> None:
-        """Commit the shard once its writes are done, then run `then`, both on the writer thread."""
+    def commit(self, lane: int, writer: ShardSink, then: Callable[[], None]) -> None:
+        """Commit the shard once its writes are done, then run `then`, both on its lane's thread."""
 
         def commit_and_record() -> None:
             writer.commit()
             then()
 
-        self._submit(commit_and_record)
+        self._submit(lane, commit_and_record)
 
     def drain(self) -> None:
         """Wait for every submitted write; raise the first failure."""
@@ -188,7 +190,8 @@ class _WriteBehind:
 
     def close(self) -> None:
         """Finish what was submitted (earlier shards' commits stay useful for a resume), then stop."""
-        self._pool.shutdown(wait=True)
+        for lane in self._lanes:
+            lane.shutdown(wait=True)
 
 
 @dataclass
@@ -282,7 +285,7 @@ class _TensorMerger:
         if self.t.source.numel == 0:
             return
         self.reader, self.buf, self.out = reader, work, out
-        merges = [_TargetMerge(target.tensor, sinks[target.output], self) for target in self.targets]
+        merges = [_TargetMerge(target, sinks[target.output], self) for target in self.targets]
         for merge in merges:
             if merge.needs_column_norms and merge.magnitude is not None:
                 merge.column_factors = (merge.magnitude / merge.column_norms()).view(1, -1)
@@ -292,7 +295,7 @@ class _TensorMerger:
                 progress(merge.write_block(rows, start, stop))
         for merge in merges:
             for data in merge.statistics():
-                out.write_bytes(merge.sink, data)
+                out.write_bytes(merge.lane, merge.sink, data)
                 progress(len(data))
 
     def read(self, start: int, stop: int) -> torch.Tensor:
@@ -308,8 +311,9 @@ class _TensorMerger:
 class _TargetMerge:
     """One output's part of a tensor position: its deltas, DoRA magnitude, encoder, and the shard it goes to."""
 
-    def __init__(self, tensor: OutputTensor, sink: ShardSink, merger: _TensorMerger):
-        self.t, self.sink, self.m = tensor, sink, merger
+    def __init__(self, target: _Target, sink: ShardSink, merger: _TensorMerger):
+        tensor = target.tensor
+        self.t, self.lane, self.sink, self.m = tensor, target.output, sink, merger
         self.deltas = [_LoadedDelta.load(d) for d in tensor.deltas]
         self.magnitude = tensor.magnitude.read().float() if tensor.magnitude is not None else None
         # DoRA on a weight stored [in, out] scales columns, by norms over every block (set before the merge)
@@ -340,7 +344,7 @@ class _TargetMerge:
             else:
                 dense = _view(buffer, self.t.dtype, rows.shape).copy_(work)
                 nbytes = dense.numel() * dense.element_size()
-        out.write(self.sink, nbytes)
+        out.write(self.lane, self.sink, nbytes)
         return nbytes
 
     def statistics(self) -> list[bytes]:
@@ -441,7 +445,7 @@ def write_outputs(plans: Sequence[Plan], open_sink: Callable[[int, Shard], Shard
     reader = _ReadAhead((read for step in steps for _, merges in step.positions for m in merges for read in m.reads()),
                         elements * stored)
     work = _Work(elements if any(t.needs_fp32 for t in decoded) else 0)
-    out = _WriteBehind(elements * max(max(t.dtype.itemsize for t in decoded), 1), len(plans) + 1)
+    out = _WriteBehind(elements * max(max(t.dtype.itemsize for t in decoded), 1), len(plans) + 1, len(plans))
     threads = torch.get_num_threads()
     torch.set_num_threads(merge_threads())
     try:
@@ -458,12 +462,12 @@ def write_outputs(plans: Sequence[Plan], open_sink: Callable[[int, Shard], Shard
                         source = target.tensor.source
                         assert isinstance(source, TensorRef)
                         if source.numel:
-                            out.copy(sinks[target.output], source)
+                            out.copy(target.output, sinks[target.output], source)
                             progress(source.nbytes)
                     for merge in merges:
                         merge.run(reader, work, out, sinks, progress)
                 for k, sink in sinks.items():
-                    out.commit(sink, lambda k=k, name=plans[k].shards[step.index].filename, sink=sink: on_committed(
+                    out.commit(k, sink, lambda k=k, name=plans[k].shards[step.index].filename, sink=sink: on_committed(
                         k, name, getattr(sink, "size", 0), getattr(sink, "crc32", 0)))
             except BaseException:
                 out.close()  # no write may touch a file once it is aborted
