@@ -101,3 +101,14 @@ def make_case(tmp_path: Path) -> CaseFactory:
         return build_case(tmp_path, model, dtype, **kwargs)
 
     return factory
+
+
+@pytest.fixture(scope="module")
+def demo_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The built-in demo model and adapter, built once per test module."""
+    from lorastream.demo import build_demo_adapter, build_demo_model
+
+    root = tmp_path_factory.mktemp("demo")
+    build_demo_model(root / "base")
+    build_demo_adapter(root / "adapter")
+    return root / "base", root / "adapter"

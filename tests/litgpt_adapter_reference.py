@@ -16,7 +16,6 @@ lorastream runs in this interpreter too (it imports in litgpt's environment), so
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from litgpt import Config as BaseConfig
 from litgpt.lora import GPT, Config, lora_filter
 from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
 from litgpt.scripts.merge_lora import merge_lora
-from litgpt_reference import write_checkpoint_files, write_run
+from litgpt_reference import build_cases, write_checkpoint_files, write_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import lorastream  # imports in litgpt's environment: it needs no package litgpt lacks
@@ -64,11 +63,5 @@ def build(root: Path, case: dict) -> None:
         convert_lit_checkpoint(root / "reference", root / "reference_hf")
 
 
-def main() -> None:
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    for name, case in spec["cases"].items():
-        build(Path(spec["root"]) / name, case)
-
-
 if __name__ == "__main__":
-    main()
+    build_cases(build)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -92,11 +93,12 @@ def build(root: Path, case: dict) -> None:
         torch.save(legacy(merged, base_config), root / "legacy_reference.pth")
 
 
-def main() -> None:
+def build_cases(build_case: Callable[[Path, dict], None]) -> None:
+    """Build each case of the spec file named on the command line (written by the test that runs this script)."""
     spec = json.loads(Path(sys.argv[1]).read_text())
     for name, case in spec["cases"].items():
-        build(Path(spec["root"]) / name, case)
+        build_case(Path(spec["root"]) / name, case)
 
 
 if __name__ == "__main__":
-    main()
+    build_cases(build)

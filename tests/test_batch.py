@@ -11,15 +11,6 @@ from click.testing import CliRunner, Result
 
 import lorastream
 from lorastream.cli import main
-from lorastream.demo import build_demo_adapter, build_demo_model
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("batch-inputs")
-    build_demo_model(root / "base")
-    build_demo_adapter(root / "adapter")
-    return root / "base", root / "adapter"
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:
@@ -40,9 +31,9 @@ def three_jobs(base: Path, adapter: Path) -> dict[str, object]:
                       "dtype": "float16", "out": "three"}]}
 
 
-def test_a_failed_job_is_summarized_and_the_others_match_single_merges(inputs: tuple[Path, Path],
+def test_a_failed_job_is_summarized_and_the_others_match_single_merges(demo_inputs: tuple[Path, Path],
                                                                        tmp_path: Path) -> None:
-    base, adapter = inputs
+    base, adapter = demo_inputs
     done = run_batch(tmp_path, three_jobs(base, adapter), "--continue-on-error")
     assert done.exit_code == 6, done.output
     lines = done.stdout.splitlines()
@@ -58,8 +49,8 @@ def test_a_failed_job_is_summarized_and_the_others_match_single_merges(inputs: t
     assert not (tmp_path / "two").exists()
 
 
-def test_after_a_failure_the_rest_is_skipped_unless_asked(inputs: tuple[Path, Path], tmp_path: Path) -> None:
-    done = run_batch(tmp_path, three_jobs(*inputs), "--json")
+def test_after_a_failure_the_rest_is_skipped_unless_asked(demo_inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    done = run_batch(tmp_path, three_jobs(*demo_inputs), "--json")
     assert done.exit_code == 6
     summary = json.loads(done.stdout)
     assert [(j["index"], j["status"], j["exit_code"]) for j in summary["jobs"]] == [

@@ -17,16 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorastream
-from lorastream.demo import build_demo_adapter, build_demo_model
 from lorastream.staging import MANIFEST
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("crash")
-    build_demo_model(root / "base")
-    build_demo_adapter(root / "adapter")
-    return root / "base", root / "adapter"
 
 
 def command(base: Path, adapter: Path, out: Path, *extra: str) -> list[str]:
@@ -39,9 +30,9 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def reference(inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+def reference(demo_inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     out = tmp_path_factory.mktemp("ref") / "out"
-    subprocess.run(command(*inputs, out), check=True)
+    subprocess.run(command(*demo_inputs, out), check=True)
     return folder_bytes(out)
 
 
@@ -53,13 +44,13 @@ def finished_shards(staging: Path) -> int:
 
 
 @pytest.mark.parametrize("kill_after", [0, 1, 4])
-def test_kill_9_mid_merge_then_rerun_is_bit_identical(inputs: tuple[Path, Path], reference: dict[str, bytes],
+def test_kill_9_mid_merge_then_rerun_is_bit_identical(demo_inputs: tuple[Path, Path], reference: dict[str, bytes],
                                                       tmp_path: Path, kill_after: int) -> None:
     """SIGKILL once `kill_after` shards are committed (0: as soon as the staging folder exists); whatever
     state that leaves, the same command afterwards produces the uninterrupted run's bytes."""
     out = tmp_path / "out"
     staging = tmp_path / ".out.lorastream-partial"
-    process = subprocess.Popen(command(*inputs, out))
+    process = subprocess.Popen(command(*demo_inputs, out))
     deadline = time.monotonic() + 60
     while finished_shards(staging) < kill_after and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -69,13 +60,13 @@ def test_kill_9_mid_merge_then_rerun_is_bit_identical(inputs: tuple[Path, Path],
         assert folder_bytes(out) == reference
     else:
         assert not out.exists()
-    done = subprocess.run(command(*inputs, out, "--overwrite"), capture_output=True, text=True)
+    done = subprocess.run(command(*demo_inputs, out, "--overwrite"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert folder_bytes(out) == reference
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_interrupted_run_resumes_finished_shards(inputs: tuple[Path, Path], reference: dict[str, bytes],
+def test_interrupted_run_resumes_finished_shards(demo_inputs: tuple[Path, Path], reference: dict[str, bytes],
                                                  tmp_path: Path) -> None:
     out = tmp_path / "out"
     written = 0
@@ -87,36 +78,36 @@ def test_interrupted_run_resumes_finished_shards(inputs: tuple[Path, Path], refe
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        lorastream.merge(*inputs, out, max_shard_size="8MB", progress=interrupt_midway)
+        lorastream.merge(*demo_inputs, out, max_shard_size="8MB", progress=interrupt_midway)
     staging = tmp_path / ".out.lorastream-partial"
     assert not out.exists() and (staging / MANIFEST).exists()
     time.sleep(0.2)  # the writer thread may still commit the shard it was on
     kept = {p.name: p.stat().st_ino for p in staging.glob("model-*.safetensors")}
     assert kept, "some shards were finished before the interruption"
 
-    lorastream.merge(*inputs, out, max_shard_size="8MB")
+    lorastream.merge(*demo_inputs, out, max_shard_size="8MB")
     assert folder_bytes(out) == reference
     for name, inode in kept.items():  # kept, not rewritten
         assert (out / name).stat().st_ino == inode
 
 
-def test_partial_output_of_another_job_is_refused(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_partial_output_of_another_job_is_refused(demo_inputs: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        lorastream.merge(*inputs, out, max_shard_size="8MB", progress=lambda _n: (_ for _ in ()).throw(
+        lorastream.merge(*demo_inputs, out, max_shard_size="8MB", progress=lambda _n: (_ for _ in ()).throw(
             KeyboardInterrupt))
-    done = subprocess.run(command(*inputs, out, "--dtype", "float32"), capture_output=True, text=True)
+    done = subprocess.run(command(*demo_inputs, out, "--dtype", "float32"), capture_output=True, text=True)
     assert done.returncode == 2
     assert "different merge" in done.stderr and "--overwrite" in done.stderr
-    assert subprocess.run(command(*inputs, out, "--dtype", "float32", "--overwrite")).returncode == 0
+    assert subprocess.run(command(*demo_inputs, out, "--dtype", "float32", "--overwrite")).returncode == 0
 
 
-def test_second_merge_into_the_same_output_refuses(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_second_merge_into_the_same_output_refuses(demo_inputs: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     lock = os.open(tmp_path / ".out.lorastream.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        done = subprocess.run(command(*inputs, out), capture_output=True, text=True)
+        done = subprocess.run(command(*demo_inputs, out), capture_output=True, text=True)
     finally:
         os.close(lock)
     assert done.returncode == 2
@@ -124,7 +115,7 @@ def test_second_merge_into_the_same_output_refuses(inputs: tuple[Path, Path], tm
     assert not out.exists()
 
 
-def test_disk_full_exits_3_and_leaves_nothing(inputs: tuple[Path, Path], tmp_path: Path,
+def test_disk_full_exits_3_and_leaves_nothing(demo_inputs: tuple[Path, Path], tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     real_write = os.write
     budget = [30 << 20]
@@ -139,12 +130,12 @@ def test_disk_full_exits_3_and_leaves_nothing(inputs: tuple[Path, Path], tmp_pat
     monkeypatch.setattr(os, "write", filling_write)
     monkeypatch.setattr(os, "copy_file_range", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EXDEV, "x")))
     with pytest.raises(lorastream.ResourceError, match="disk filled"):
-        lorastream.merge(*inputs, tmp_path / "out", max_shard_size="8MB")
+        lorastream.merge(*demo_inputs, tmp_path / "out", max_shard_size="8MB")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_nonfinite_merge_is_refused_unless_allowed(inputs: tuple[Path, Path], tmp_path: Path) -> None:
-    base, adapter = inputs
+def test_nonfinite_merge_is_refused_unless_allowed(demo_inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = demo_inputs
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
@@ -204,11 +195,11 @@ def run_with_fault(tmp_path: Path, mode: str, limit: int, args: list[str],
 
 
 @pytest.mark.parametrize("limit", [0, 1_000, 3 << 20, 11 << 20, 25 << 20, 47 << 20, 70 << 20, 84 << 20])
-def test_abrupt_death_after_k_bytes_then_rerun_is_bit_identical(inputs: tuple[Path, Path],
+def test_abrupt_death_after_k_bytes_then_rerun_is_bit_identical(demo_inputs: tuple[Path, Path],
                                                                 reference: dict[str, bytes], tmp_path: Path,
                                                                 limit: int) -> None:
     out = tmp_path / "out"
-    args = command(*inputs, out)
+    args = command(*demo_inputs, out)
     died = run_with_fault(tmp_path, "die-after-bytes", limit, args)
     assert died.returncode == 137
     assert not out.exists(), "no incomplete folder may pass as the output"
@@ -219,11 +210,11 @@ def test_abrupt_death_after_k_bytes_then_rerun_is_bit_identical(inputs: tuple[Pa
 
 
 @pytest.mark.parametrize("nth", [1, 3, 10])
-def test_failing_rename_is_a_clean_refusal_and_rerun_completes(inputs: tuple[Path, Path],
+def test_failing_rename_is_a_clean_refusal_and_rerun_completes(demo_inputs: tuple[Path, Path],
                                                                reference: dict[str, bytes], tmp_path: Path,
                                                                nth: int) -> None:
     out = tmp_path / "out"
-    args = command(*inputs, out)
+    args = command(*demo_inputs, out)
     failed = run_with_fault(tmp_path, "fail-rename", nth, args)
     assert failed.returncode == 5, failed.stderr
     assert "Input/output error" in failed.stderr and "Traceback" not in failed.stderr
@@ -232,7 +223,7 @@ def test_failing_rename_is_a_clean_refusal_and_rerun_completes(inputs: tuple[Pat
     assert folder_bytes(out) == reference
 
 
-def test_file_size_limit_exits_3_and_leaves_nothing(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_file_size_limit_exits_3_and_leaves_nothing(demo_inputs: tuple[Path, Path], tmp_path: Path) -> None:
     """RLIMIT_FSIZE makes writes past 5 MB fail with EFBIG, as a full or quota-limited disk would."""
     import resource
 
@@ -240,7 +231,7 @@ def test_file_size_limit_exits_3_and_leaves_nothing(inputs: tuple[Path, Path], t
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (5 << 20, 5 << 20))
 
-    done = subprocess.run(command(*inputs, tmp_path / "out"), capture_output=True, text=True,
+    done = subprocess.run(command(*demo_inputs, tmp_path / "out"), capture_output=True, text=True,
                           preexec_fn=limit_file_size)
     assert done.returncode == 3, done.stderr
     assert "disk filled" in done.stderr and "Traceback" not in done.stderr
@@ -252,9 +243,9 @@ def test_file_size_limit_exits_3_and_leaves_nothing(inputs: tuple[Path, Path], t
     ("hidden_size", 1024, "hidden_size is 1024, tensor 'model.embed_tokens.weight' has shape [32000, 512]"),
     ("vocab_size", 32001, "vocab_size is 32001"),
 ])
-def test_config_disagreeing_with_tensors_is_refused(inputs: tuple[Path, Path], tmp_path: Path, field: str,
+def test_config_disagreeing_with_tensors_is_refused(demo_inputs: tuple[Path, Path], tmp_path: Path, field: str,
                                                     value: int, message: str) -> None:
-    base, adapter = inputs
+    base, adapter = demo_inputs
     copy = tmp_path / "base"
     copy.mkdir()
     for path in base.iterdir():

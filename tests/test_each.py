@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,12 @@ def test_cli_each_writes_one_folder_per_adapter_and_refuses_weights(three: tuple
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["alpha", "beta"]
     assert done.stderr.count("wrote ") == 2
+    planned = subprocess.run([sys.executable, "-m", "lorastream", "plan", str(base), "--each", *map(str, adapters),
+                              "-o", str(tmp_path / "next"), "--json"], capture_output=True, text=True, check=False)
+    assert planned.returncode == 0, planned.stderr
+    plans = json.loads(planned.stdout)
+    assert [p["buffers"]["4 output blocks (written behind)"] for p in plans] == [8, 8, 8]  # bf16, one per output + 1
+    assert len({p["minimum_budget"] for p in plans}) == 1  # one budget for the pass
 
 
 def test_interrupted_each_resumes_every_output_from_its_own_staging(three: tuple[Path, list[Path]],

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -17,7 +16,7 @@ from click.testing import CliRunner
 from conftest import tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from test_litgpt import LITGPT_PYTHON, LLAMA
+from test_litgpt import LLAMA, assert_identical, run_litgpt_script
 
 import lorastream
 from lorastream.cli import main
@@ -42,22 +41,7 @@ LITGPT_CASES = {
 def litgpt_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Each case built by litgpt, its adapter extracted and saved by lorastream, all merged by litgpt: one run of
     litgpt's interpreter (importing litgpt takes seconds)."""
-    if not LITGPT_PYTHON.exists():  # a missing reference must not pass silently as skipped
-        pytest.fail(f"{LITGPT_PYTHON} is missing; `make test` creates it")
-    root = tmp_path_factory.mktemp("litgpt_extract")
-    spec = root / "cases.json"
-    spec.write_text(json.dumps({"root": str(root), "cases": {k: {**v, "seed": i} for i, (k, v) in
-                                                             enumerate(LITGPT_CASES.items())}}))
-    done = subprocess.run([str(LITGPT_PYTHON), str(SCRIPT), str(spec)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return root
-
-
-def assert_identical(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
-    assert sorted(ours) == sorted(reference)
-    for name, tensor in ours.items():
-        assert tensor.dtype == reference[name].dtype, name
-        assert torch.equal(tensor, reference[name]), name
+    return run_litgpt_script(tmp_path_factory.mktemp("litgpt_extract"), SCRIPT, LITGPT_CASES)
 
 
 def load_lora(folder: Path) -> dict[str, torch.Tensor]:

@@ -65,19 +65,23 @@ CASES = {
 pytestmark = pytest.mark.usefixtures("smallest_blocks")
 
 
-@pytest.fixture(scope="session")
-def litgpt_cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every case built and merged by litgpt, in one run of its interpreter (importing litgpt takes seconds)."""
+def run_litgpt_script(root: Path, script: Path, cases: dict[str, dict]) -> Path:
+    """Build every case with litgpt, in one run of its interpreter (importing litgpt takes seconds)."""
     if not LITGPT_PYTHON.exists():  # a missing reference must not pass silently as skipped
         pytest.fail(f"{LITGPT_PYTHON} is missing; `make test` creates it")
-    root = tmp_path_factory.mktemp("litgpt")
     spec = root / "cases.json"
     spec.write_text(json.dumps({"root": str(root), "cases": {k: {**v, "seed": i} for i, (k, v) in
-                                                             enumerate(CASES.items())}}))
-    script = Path(__file__).with_name("litgpt_reference.py")
+                                                             enumerate(cases.items())}}))
     done = subprocess.run([str(LITGPT_PYTHON), str(script), str(spec)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return root
+
+
+@pytest.fixture(scope="session")
+def litgpt_cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every case built and merged by litgpt."""
+    return run_litgpt_script(tmp_path_factory.mktemp("litgpt"), Path(__file__).with_name("litgpt_reference.py"),
+                             CASES)
 
 
 def assert_identical(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:

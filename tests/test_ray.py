@@ -131,37 +131,29 @@ def cluster(s3: tuple[Any, dict[str, str]], tmp_path_factory: pytest.TempPathFac
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ray-inputs")
-    demo.build_demo_model(root / "base")
-    demo.build_demo_adapter(root / "adapter")
-    return root / "base", root / "adapter"
-
-
 def folder_files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 @pytest.fixture(scope="module")
-def reference(inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+def reference(demo_inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     out = tmp_path_factory.mktemp("ray-reference") / "out"
-    lorastream.merge(*inputs, out, max_shard_size=SHARD, max_memory=BUDGET)
+    lorastream.merge(*demo_inputs, out, max_shard_size=SHARD, max_memory=BUDGET)
     return folder_files(out)
 
 
-def test_ray_merge_is_bit_identical_to_the_local_merge(cluster: Cluster, inputs: tuple[Path, Path],
+def test_ray_merge_is_bit_identical_to_the_local_merge(cluster: Cluster, demo_inputs: tuple[Path, Path],
                                                        reference: dict[str, bytes], tmp_path: Path) -> None:
-    result = lorastream.merge(*inputs, tmp_path / "out", max_shard_size=SHARD, max_memory=BUDGET, executor="ray")
+    result = lorastream.merge(*demo_inputs, tmp_path / "out", max_shard_size=SHARD, max_memory=BUDGET, executor="ray")
     assert sum(name.endswith(".safetensors") for name in result.files) == 10
     assert folder_files(tmp_path / "out") == reference  # shards, index, config and the provenance record
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_a_worker_killed_mid_shard_is_retried(cluster: Cluster, inputs: tuple[Path, Path],
+def test_a_worker_killed_mid_shard_is_retried(cluster: Cluster, demo_inputs: tuple[Path, Path],
                                               reference: dict[str, bytes], tmp_path: Path) -> None:
     (cluster.faults / "die").write_text(str(1 << 20))
-    lorastream.merge(*inputs, tmp_path / "out", max_shard_size=SHARD, max_memory=BUDGET, executor="ray")
+    lorastream.merge(*demo_inputs, tmp_path / "out", max_shard_size=SHARD, max_memory=BUDGET, executor="ray")
     [died] = cluster.faults.glob("died-*")
     died.unlink()
     with pytest.raises(ProcessLookupError):  # the worker really died, and Ray ran its task again
@@ -176,7 +168,7 @@ def finished_shards(staging: Path) -> int:
         return 0
 
 
-def test_a_killed_driver_then_rerun_resumes(cluster: Cluster, inputs: tuple[Path, Path],
+def test_a_killed_driver_then_rerun_resumes(cluster: Cluster, demo_inputs: tuple[Path, Path],
                                             reference: dict[str, bytes], tmp_path: Path) -> None:
     out, staging = tmp_path / "out", tmp_path / ".out.lorastream-partial"
     script = tmp_path.parent / f"driver-{tmp_path.name}.py"
@@ -184,7 +176,7 @@ def test_a_killed_driver_then_rerun_resumes(cluster: Cluster, inputs: tuple[Path
     (cluster.faults / "delay").write_text("0.2")  # slow shard writes: the driver is surely killed mid-job
     try:
         driver = subprocess.Popen([sys.executable, str(script), cluster.address, json.dumps(cluster.runtime_env),
-                                   "merge", *map(str, inputs), "-o", str(out), "--max-shard-size", SHARD,
+                                   "merge", *map(str, demo_inputs), "-o", str(out), "--max-shard-size", SHARD,
                                    "--max-memory", BUDGET, "--executor", "ray", "--quiet"])
         deadline = time.monotonic() + 120
         while finished_shards(staging) < 2 and driver.poll() is None and time.monotonic() < deadline:
@@ -198,15 +190,15 @@ def test_a_killed_driver_then_rerun_resumes(cluster: Cluster, inputs: tuple[Path
     recorded = json.loads((staging / MANIFEST).read_text())["shards"]
     kept = {name: (staging / name).stat().st_ino for name in recorded}
     assert 2 <= len(kept) < 10
-    lorastream.merge(*inputs, out, max_shard_size=SHARD, max_memory=BUDGET, executor="ray")
+    lorastream.merge(*demo_inputs, out, max_shard_size=SHARD, max_memory=BUDGET, executor="ray")
     assert folder_files(out) == reference
     for name, inode in kept.items():  # kept, not written again
         assert (out / name).stat().st_ino == inode
 
 
-def test_batch_jobs_run_as_ray_tasks(cluster: Cluster, inputs: tuple[Path, Path], reference: dict[str, bytes],
+def test_batch_jobs_run_as_ray_tasks(cluster: Cluster, demo_inputs: tuple[Path, Path], reference: dict[str, bytes],
                                      tmp_path: Path) -> None:
-    base, adapter = inputs
+    base, adapter = demo_inputs
     jobs = {"defaults": {"max_shard_size": SHARD, "max_memory": BUDGET},
             "jobs": [{"base": str(base), "adapter": str(adapter), "out": "one"},
                      {"base": str(base), "adapters": ["missing"], "out": "two"},
@@ -243,10 +235,10 @@ def test_remote_inputs_and_output(cluster: Cluster, s3: tuple[Any, dict[str, str
     assert fs.find(f"{BUCKET}/.out.lorastream-partial") == []
 
 
-def test_without_ray_installed_the_error_is_one_line(inputs: tuple[Path, Path], tmp_path: Path,
+def test_without_ray_installed_the_error_is_one_line(demo_inputs: tuple[Path, Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
-    done = CliRunner().invoke(main, ["merge", *map(str, inputs), "-o", str(tmp_path / "out"), "--executor", "ray"])
+    done = CliRunner().invoke(main, ["merge", *map(str, demo_inputs), "-o", str(tmp_path / "out"), "--executor", "ray"])
     assert done.exit_code == 2
     assert done.stderr.strip() == ("lorastream: error: --executor ray needs Ray, which is not installed: "
                                    "pip install 'lorastream[ray]'")
