@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_case, tiny_llama
+from conftest import build_case, tiny_gpt2, tiny_llama
 
 from lorastream import api
 from lorastream.errors import InputError
@@ -143,3 +143,18 @@ def test_interrupted_each_resumes_every_output_from_its_own_staging(three: tuple
         assert filecmp.cmpfiles(alone, each, names, shallow=False)[1:] == ([], [])
         for name, inode in kept[adapter.name].items():  # kept, not rewritten
             assert (each / name).stat().st_ino == inode
+
+
+def test_each_with_transposed_dora_reads_its_norm_pass_in_schedule(tmp_path: Path, smallest_blocks: None) -> None:
+    """Two GPT-2 adapters on the same Conv1D weights, one DoRA: its column norms need a first pass over the
+    blocks (two passes read, one for the other adapter), and both outputs still equal their merges alone."""
+    dora = build_case(tmp_path / "build-dora", tiny_gpt2(), torch.float32, target_modules=["c_fc", "c_attn"], r=4,
+                      lora_alpha=8, use_dora=True)
+    plain = build_case(tmp_path / "build-plain", tiny_gpt2(), torch.float32, target_modules=["c_fc"], r=2,
+                       lora_alpha=4)
+    adapters = [dora.adapter.rename(tmp_path / "dora"), plain.adapter.rename(tmp_path / "plain")]
+    api.merge_each(dora.base, adapters, tmp_path / "each", max_memory="4GiB")
+    for adapter in adapters:
+        alone = api.merge(dora.base, adapter, tmp_path / "alone" / adapter.name, max_memory="4GiB").out_dir
+        names = sorted(p.name for p in alone.iterdir())
+        assert filecmp.cmpfiles(alone, tmp_path / "each" / adapter.name, names, shallow=False)[1:] == ([], [])

@@ -170,9 +170,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
           double_quant: bool | None, as_json: bool, overwrite: bool, allow_nonfinite: bool, verify_after: bool,
           each: bool, quiet: bool, executor: str, ray_address: str | None) -> None:
     """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
-    if each and weights is not None:
-        raise click.UsageError("--weights combines the adapters into one model, --each merges each one on its own "
-                               "into OUT/<adapter folder name>/; use one or the other")
+    _refuse_weights_with_each(each, weights)
     if each and executor != "local":
         raise click.UsageError("--each runs on the local executor only")
     with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr,
@@ -333,20 +331,35 @@ def verify_litgpt(lora_dir: str, merged: str, base: str | None, max_memory: str 
 
 @main.command("plan")
 @_with_job_options
+@click.option("--each", is_flag=True, help="Plan merging each adapter on its own into OUT/<adapter folder name>/, "
+              "in one pass over the base.")
 @_reports_errors
 def plan_command(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
                  dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
-                 double_quant: bool | None, as_json: bool) -> None:
+                 double_quant: bool | None, as_json: bool, each: bool) -> None:
     """Show what merging ADAPTERS into BASE needs (memory, disk, shards, targets) without reading weights."""
-    job = api.plan(base, list(adapters), out, weights=_parse_weights(weights), max_memory=max_memory, dtype=dtype,
-                   max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant, trained_on=trained_on)
-    _show_plan(job, as_json)
+    _refuse_weights_with_each(each, weights)
+    options = dict(max_memory=max_memory, dtype=dtype, max_shard_size=max_shard_size, quantize=quantize,
+                   double_quant=double_quant, trained_on=trained_on)
+    jobs = (api.plan_each(base, list(adapters), out, **options) if each else  # type: ignore[arg-type]
+            [api.plan(base, list(adapters), out, weights=_parse_weights(weights), **options)])  # type: ignore[arg-type]
+    _show_plan(jobs[0], as_json, *jobs[1:])
 
 
-def _show_plan(job: Plan, as_json: bool) -> None:
-    """Print the plan; exit 3 when it cannot run."""
-    click.echo(json.dumps(_plan_json(job), indent=2) if as_json else _render_plan(job))
-    shortfall = describe_shortfall(job)
+def _refuse_weights_with_each(each: bool, weights: str | None) -> None:
+    if each and weights is not None:
+        raise click.UsageError("--weights combines the adapters into one model, --each merges each one on its own "
+                               "into OUT/<adapter folder name>/; use one or the other")
+
+
+def _show_plan(job: Plan, as_json: bool, *others: Plan) -> None:
+    """Print the plan, and the others of its pass (`plan --each`); exit 3 when they cannot run."""
+    jobs = [job, *others]
+    if as_json:
+        click.echo(json.dumps([_plan_json(j) for j in jobs] if others else _plan_json(job), indent=2))
+    else:
+        click.echo("\n\n".join(_render_plan(j) for j in jobs))
+    shortfall = describe_shortfall(job, *others)
     if shortfall:
         click.echo(f"lorastream: cannot run: {shortfall}", err=True)
         sys.exit(3)
