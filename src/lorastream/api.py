@@ -22,6 +22,7 @@ from .adapters.peft import read_peft_adapter
 from .codecs import Encoding
 from .codecs.bnb4 import Bnb4Encoding
 from .codecs.int8 import Int8Encoding
+from .device import Accelerator, accelerator
 from .engine import Progress, ShardSink, write_outputs, write_shards
 from .errors import InputError, ResourceError
 from .extract import AdapterResult as AdapterResult  # the `extract` and `save_lora` verbs live in extract.py
@@ -93,26 +94,34 @@ def _encoding(quantize: str | None, double_quant: bool | None, dtype: torch.dtyp
 def plan(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike, *,
          weights: Sequence[float] | None = None, max_memory: str | int | None = None,
          dtype: str | None = None, max_shard_size: str | int = "5GB", quantize: str | None = None,
-         double_quant: bool | None = None, trained_on: str | None = None) -> Plan:
+         double_quant: bool | None = None, trained_on: str | None = None, device: str | Accelerator = "cpu",
+         max_gpu_memory: str | int | None = None) -> Plan:
     """Plan a merge from headers only: output layout, memory and disk needs. Nothing is written.
 
     `quantize` ("nf4", "fp4", "int8") writes linear weights in bitsandbytes' format; `trained_on` ("nf4",
     "fp4") merges into the base as QLoRA training saw it, `dequantize(quantize(W))`; `double_quant`
-    (default: on for nf4) applies to both.
+    (default: on for nf4) applies to both. `device` ("cpu", "cuda", "auto", or an `Accelerator`) is where the
+    blocks are merged; on a GPU they must also fit `max_gpu_memory` (default: 80% of its free memory).
     """
     return _plan_pass(base, [(_adapter_paths(adapters), weights)], [location(out).absolute()], max_memory=max_memory,
                       dtype=dtype, max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant,
-                      trained_on=trained_on)[0]
+                      trained_on=trained_on, accelerator=_accelerator(device, max_gpu_memory))[0]
 
 
 def plan_each(base: PathLike, adapters: Sequence[PathLike], out: PathLike, *, max_memory: str | int | None = None,
               dtype: str | None = None, max_shard_size: str | int = "5GB", quantize: str | None = None,
-              double_quant: bool | None = None, trained_on: str | None = None) -> list[Plan]:
+              double_quant: bool | None = None, trained_on: str | None = None, device: str | Accelerator = "cpu",
+              max_gpu_memory: str | int | None = None) -> list[Plan]:
     """Plan merging each adapter into `base` on its own, into `out/<adapter folder name>/`, all in one pass
     over the base (see `merge_each`); the plans share one memory budget and the disk. Nothing is written."""
     return _plan_pass(base, [([a], None) for a in adapters], each_destinations(adapters, out), max_memory=max_memory,
                       dtype=dtype, max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant,
-                      trained_on=trained_on)
+                      trained_on=trained_on, accelerator=_accelerator(device, max_gpu_memory))
+
+
+def _accelerator(device: str | Accelerator, max_gpu_memory: str | int | None) -> Accelerator | None:
+    """The accelerator `device` names (an `Accelerator` is taken as given: tests pass the CPU as one)."""
+    return device if isinstance(device, Accelerator) else accelerator(device, max_gpu_memory)
 
 
 def each_destinations(adapters: Sequence[PathLike], out: PathLike) -> list[Location]:
@@ -130,7 +139,7 @@ def each_destinations(adapters: Sequence[PathLike], out: PathLike) -> list[Locat
 
 def _plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] | None]], out_dirs: list[Location], *,
                max_memory: str | int | None, dtype: str | None, max_shard_size: str | int, quantize: str | None,
-               double_quant: bool | None, trained_on: str | None) -> list[Plan]:
+               double_quant: bool | None, trained_on: str | None, accelerator: Accelerator | None) -> list[Plan]:
     """Plans of one pass over `base`: each job (adapters, weights) merged into its output folder."""
     if dtype is not None and dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -146,7 +155,7 @@ def _plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] 
                       max_shard_size=shard_bytes, dtype=chosen,
                       quantize=_encoding(quantize, double_quant, chosen, model),
                       trained_on=_encoding(trained_on, double_quant, None, model, "--trained-on"),  # type: ignore[arg-type]
-                      io_buffers=io_buffers)
+                      io_buffers=io_buffers, gpu_budget=accelerator.budget if accelerator is not None else 0)
 
 
 def _disk_free(out_dir: Location) -> int:
@@ -178,12 +187,14 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
           dtype: str | None = None, max_shard_size: str | int = "5GB", quantize: str | None = None,
           double_quant: bool | None = None, trained_on: str | None = None, overwrite: bool = False,
           allow_nonfinite: bool = False, progress: Progress | None = None, executor: str = "local",
-          ray_address: str | None = None) -> MergeResult:
+          ray_address: str | None = None, device: str | Accelerator = "cpu",
+          max_gpu_memory: str | int | None = None) -> MergeResult:
     """Merge LoRA adapters into a Hugging Face model, streaming within the memory budget.
 
     Raises `InputError` (bad input) or `ResourceError` (not enough memory or disk) before writing
     anything; the output folder appears only when complete. `executor="ray"` writes each shard in a Ray
-    task (on the Ray instance at `ray_address`, else this machine's), each within `max_memory`.
+    task (on the Ray instance at `ray_address`, else this machine's), each within `max_memory`. `device`
+    (see `plan`) merges on a GPU: within `max_gpu_memory` there, and within `max_memory` on the host.
     """
     started = time.perf_counter()
     if executor not in EXECUTORS:
@@ -192,13 +203,16 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
     _check_output(base, _adapter_paths(adapters), out_dir, overwrite)
     plan_options = {"weights": weights, "max_memory": max_memory, "dtype": dtype, "max_shard_size": max_shard_size,
                     "quantize": quantize, "double_quant": double_quant, "trained_on": trained_on}
-    job = plan(base, adapters, out_dir, **plan_options)
+    gpu = _accelerator(device, max_gpu_memory)
+    if gpu is not None and executor != "local":
+        raise InputError("--device: merging on a GPU runs on the local executor only")
+    job = plan(base, adapters, out_dir, **plan_options, device=gpu or "cpu")
     shortfall = describe_shortfall(job)
     if shortfall:
         raise ResourceError(shortfall)
     if executor == "ray":  # before staging: a failure there would discard a resumable partial output
         ray_executor.connect(ray_address, job.memory.budget)
-    record, metadata, job_key = _identity(job, dtype, quantize, trained_on, double_quant)
+    record, metadata, job_key = _identity(job, dtype, quantize, trained_on, double_quant, gpu)
     with staging_for(out_dir, job_key, overwrite) as staging:
         if executor == "ray":
             task = ray_executor.ShardJob(_portable(base), tuple(_portable(a) for a in _adapter_paths(adapters)),
@@ -207,7 +221,8 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
             ray_executor.write_shards_on_ray(job, task, staging, progress or (lambda _n: None), ray_address)
         else:
             write_shards(job, shard_opener(staging.path, metadata), progress or (lambda _n: None),
-                         finished=staging.finished(), on_committed=staging.record, allow_nonfinite=allow_nonfinite)
+                         finished=staging.finished(), on_committed=staging.record, allow_nonfinite=allow_nonfinite,
+                         accelerator=gpu)
         write_companions(job, staging.path, {**record, "shards": staging.shards})
         promote(staging, out_dir)
     return MergeResult(out_dir, sorted(p.name for p in out_dir.iterdir()), job.total_size,
@@ -217,7 +232,8 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
 def merge_each(base: PathLike, adapters: Sequence[PathLike], out: PathLike, *, max_memory: str | int | None = None,
                dtype: str | None = None, max_shard_size: str | int = "5GB", quantize: str | None = None,
                double_quant: bool | None = None, trained_on: str | None = None, overwrite: bool = False,
-               allow_nonfinite: bool = False, progress: Progress | None = None) -> list[MergeResult]:
+               allow_nonfinite: bool = False, progress: Progress | None = None, device: str | Accelerator = "cpu",
+               max_gpu_memory: str | int | None = None) -> list[MergeResult]:
     """Merge each adapter into `base` on its own, into `out/<adapter folder name>/`, in one pass over the base.
 
     Every row block of the base is read and decoded once, then merged into each output in turn, all within
@@ -228,12 +244,13 @@ def merge_each(base: PathLike, adapters: Sequence[PathLike], out: PathLike, *, m
     out_dirs = each_destinations(adapters, out)
     for adapter, out_dir in zip(adapters, out_dirs, strict=True):
         _check_output(base, [adapter], out_dir, overwrite)
+    gpu = _accelerator(device, max_gpu_memory)
     jobs = plan_each(base, adapters, out, max_memory=max_memory, dtype=dtype, max_shard_size=max_shard_size,
-                     quantize=quantize, double_quant=double_quant, trained_on=trained_on)
+                     quantize=quantize, double_quant=double_quant, trained_on=trained_on, device=gpu or "cpu")
     shortfall = describe_shortfall(*jobs)
     if shortfall:
         raise ResourceError(shortfall)
-    identities = [_identity(job, dtype, quantize, trained_on, double_quant) for job in jobs]
+    identities = [_identity(job, dtype, quantize, trained_on, double_quant, gpu) for job in jobs]
     with ExitStack() as stack:
         stagings = [stack.enter_context(staging_for(job.out_dir, key, overwrite))
                     for job, (_, _, key) in zip(jobs, identities, strict=True)]
@@ -242,7 +259,7 @@ def merge_each(base: PathLike, adapters: Sequence[PathLike], out: PathLike, *, m
         write_outputs(jobs, lambda k, shard: openers[k](shard), progress or (lambda _n: None),
                       finished=[staging.finished() for staging in stagings],
                       on_committed=lambda k, name, size, crc: stagings[k].record(name, size, crc),
-                      allow_nonfinite=allow_nonfinite)
+                      allow_nonfinite=allow_nonfinite, accelerator=gpu)
         for job, staging, (record, _, _) in zip(jobs, stagings, identities, strict=True):
             write_companions(job, staging.path, {**record, "shards": staging.shards})
             promote(staging, job.out_dir)
@@ -260,12 +277,16 @@ def _check_output(base: PathLike, adapters: Sequence[PathLike], out_dir: Locatio
 
 
 def _identity(job: Plan, dtype: str | None, quantize: str | None, trained_on: str | None,
-              double_quant: bool | None) -> tuple[dict[str, Any], dict[str, str], str]:
+              double_quant: bool | None, gpu: Accelerator | None = None) -> tuple[dict[str, Any], dict[str, str], str]:
     """What an output records about how it was made (provenance, shard metadata), and the job id its staging
-    folder is resumed by: the same for a merge on its own and the same merge within `merge_each`."""
+    folder is resumed by: the same for a merge on its own and the same merge within `merge_each`. A GPU merge
+    records its device: its bytes may differ from the CPU's by rounding, so `verify` then compares with
+    tolerance."""
     options = {"dtype": dtype, "max_shard_size": job.max_shard_size, "quantize": quantize,
                "trained_on": trained_on, "double_quant": double_quant,
                "weights": [w for _, w in job.adapters]}
+    if gpu is not None and gpu.device.type != "cpu":
+        options["device"] = str(gpu.device)
     record = _provenance(job, {**options, "max_memory": job.memory.budget})
     metadata = {"format": "pt", "lorastream": json.dumps(record, separators=(",", ":"))}
     inputs = [*job.base.weight_files, *job.base.companion_files, job.base.path / "config.json",
@@ -333,8 +354,9 @@ def verify(base: PathLike, adapters: PathLike | Sequence[PathLike], merged: Path
     """Recompute the merge of `adapters` into `base` block by block and compare it with `merged`.
 
     Options not given are taken from the merged folder's `lorastream.json` when it has one. `exact` (the
-    default for lorastream's own outputs, which are deterministic) requires identical bytes; otherwise floats
-    may differ by one rounding step at the element's and its row's magnitude (see `verification`).
+    default for lorastream's own outputs merged on the CPU, which are deterministic) requires identical bytes;
+    otherwise floats may differ by one rounding step at the element's and its row's magnitude (see
+    `verification`).
     """
     merged_dir = location(merged)
     recorded = _recorded_options(merged_dir)
@@ -343,7 +365,8 @@ def verify(base: PathLike, adapters: PathLike | Sequence[PathLike], merged: Path
                quantize=quantize or recorded.get("quantize"),
                double_quant=double_quant if double_quant is not None else recorded.get("double_quant"),
                trained_on=trained_on or recorded.get("trained_on"))
-    return _compare(job, _safetensors_tensors(merged_dir), bool(recorded) if exact is None else exact, progress)
+    exact = bool(recorded) and "device" not in recorded if exact is None else exact
+    return _compare(job, _safetensors_tensors(merged_dir), exact, progress)
 
 
 def _safetensors_tensors(folder: Path) -> dict[str, TensorRef]:

@@ -15,11 +15,12 @@ from tqdm import tqdm
 
 from . import api
 from . import batch as batch_jobs
+from .device import DEVICES
 from .errors import LorastreamError
 from .formats.litgpt import is_lora_run
 from .formats.tensor_ref import TensorRef
 from .memory import format_size
-from .planner import Plan, describe_shortfall
+from .planner import Plan, describe, describe_shortfall
 from .storage import is_remote
 
 DTYPE_CHOICE = click.Choice(sorted(api.DTYPES))
@@ -106,7 +107,15 @@ _with_job_options = _with(_job_options)
 
 # Options of `merge` and `merge-litgpt` that take a value, so their values are not read as positional folders.
 _VALUE_OPTIONS = {"-o", "--out", "--base", "--format", "--executor", "--ray-address", "--weights", "--max-memory",
-                  "--dtype", "--max-shard-size", "--quantize", "--trained-on"}
+                  "--dtype", "--max-shard-size", "--quantize", "--trained-on", "--device", "--max-gpu-memory"}
+
+
+def _device_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option("--max-gpu-memory", help="GPU memory budget for the merge, e.g. 20GiB (default: 80% of "
+                           "the GPU's free memory).")(command)
+    return click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+                        help="Merge on the CPU or a CUDA GPU (auto: the GPU if there is one; cuda without one "
+                        "merges on the CPU, with a notice).")(command)
 
 
 def _executor_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -164,11 +173,13 @@ def _interrupt(signum: int, _frame: object) -> None:
               "reading the base once for all of them.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_executor_options
+@_device_options
 @_reports_errors
 def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
           dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
           double_quant: bool | None, as_json: bool, overwrite: bool, allow_nonfinite: bool, verify_after: bool,
-          each: bool, quiet: bool, executor: str, ray_address: str | None) -> None:
+          each: bool, quiet: bool, executor: str, ray_address: str | None, device: str,
+          max_gpu_memory: str | None) -> None:
     """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
     _refuse_weights_with_each(each, weights)
     if each and executor != "local":
@@ -177,7 +188,8 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
               disable=quiet or not sys.stderr.isatty()) as bar:
         options = dict(max_memory=max_memory, dtype=dtype, max_shard_size=max_shard_size, quantize=quantize,
                        double_quant=double_quant, trained_on=trained_on, overwrite=overwrite,
-                       allow_nonfinite=allow_nonfinite, progress=bar.update)
+                       allow_nonfinite=allow_nonfinite, progress=bar.update, device=device,
+                       max_gpu_memory=max_gpu_memory)
         results = (api.merge_each(base, list(adapters), out, **options) if each else  # type: ignore[arg-type]
                    [api.merge(base, list(adapters), out, weights=_parse_weights(weights), executor=executor,
                               ray_address=ray_address, **options)])  # type: ignore[arg-type]
@@ -233,7 +245,11 @@ def _plan_json(job: Plan) -> dict[str, Any]:
             "disk_needed": job.disk_needed, "disk_free": None if is_remote(job.out_dir) else job.disk_free,
             "total_size": job.total_size,
             "shards": [{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in job.shards],
-            "targets": job.targets, "fits": describe_shortfall(job) is None}
+            "targets": job.targets, "fits": describe_shortfall(job) is None,
+            **({"gpu": {"budget": job.memory.gpu_budget, "minimum_budget": job.memory.gpu_minimum,
+                        "adapter_peak": job.memory.gpu_adapter_peak,
+                        "bytes_per_element": job.memory.gpu_bytes_per_element,
+                        "buffers": dict(job.memory.gpu_in_flight)}} if job.memory.gpu_budget else {})}
 
 
 def _render_plan(job: Plan) -> str:
@@ -253,6 +269,10 @@ def _render_plan(job: Plan) -> str:
         + (f"remote I/O buffers {format_size(job.memory.io_buffers)}, " if job.memory.io_buffers else "")
         + f"row blocks of up to {job.memory.block_elements:,} elements)",
         f"buffers   per row-block element {job.memory.bytes_per_element} B: {job.memory.describe_buffers()}",
+        *([f"gpu       budget {format_size(job.memory.gpu_budget)}, minimum {format_size(job.memory.gpu_minimum)} "
+           f"(adapter tensors {format_size(job.memory.gpu_adapter_peak)}, per row-block element "
+           f"{job.memory.gpu_bytes_per_element} B: {describe(job.memory.gpu_in_flight)})"]
+          if job.memory.gpu_budget else []),
         f"disk      needs {format_size(job.disk_needed)}, "
         + ("in an object store (no free-space limit)" if is_remote(job.out_dir) else
            f"{format_size(job.disk_free)} free"),
@@ -333,14 +353,15 @@ def verify_litgpt(lora_dir: str, merged: str, base: str | None, max_memory: str 
 @_with_job_options
 @click.option("--each", is_flag=True, help="Plan merging each adapter on its own into OUT/<adapter folder name>/, "
               "in one pass over the base.")
+@_device_options
 @_reports_errors
 def plan_command(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
                  dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
-                 double_quant: bool | None, as_json: bool, each: bool) -> None:
+                 double_quant: bool | None, as_json: bool, each: bool, device: str, max_gpu_memory: str | None) -> None:
     """Show what merging ADAPTERS into BASE needs (memory, disk, shards, targets) without reading weights."""
     _refuse_weights_with_each(each, weights)
     options = dict(max_memory=max_memory, dtype=dtype, max_shard_size=max_shard_size, quantize=quantize,
-                   double_quant=double_quant, trained_on=trained_on)
+                   double_quant=double_quant, trained_on=trained_on, device=device, max_gpu_memory=max_gpu_memory)
     jobs = (api.plan_each(base, list(adapters), out, **options) if each else  # type: ignore[arg-type]
             [api.plan(base, list(adapters), out, weights=_parse_weights(weights), **options)])  # type: ignore[arg-type]
     _show_plan(jobs[0], as_json, *jobs[1:])

@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from .codecs import Source
+from .device import CPU, Accelerator
 from .errors import InputError, ResourceError
 from .formats.tensor_ref import TensorRef
 from .memory import format_size, keep_heap_bounded
@@ -63,6 +64,11 @@ def _view(buffer: bytearray, dtype: torch.dtype, shape: tuple[int, int]) -> torc
     return torch.frombuffer(buffer, dtype=dtype, count=shape[0] * shape[1]).view(shape)
 
 
+def _typed(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+    """The start of a byte tensor seen as a `dtype` block of `shape`."""
+    return raw[: shape[0] * shape[1] * dtype.itemsize].view(dtype).view(shape)
+
+
 Read = tuple[Source, int, int]
 
 
@@ -72,11 +78,12 @@ class _ReadAhead:
     Every block the merge will read is known before it starts, so the reader never waits to be told. Two
     input buffers alternate: the read of block i + 1 starts when block i is taken, into the buffer block
     i - 1 used, which the merge is done with by then (it takes blocks strictly in order). `pread` and
-    torch's decoding release the GIL, so reading overlaps the merge.
+    torch's decoding release the GIL, so reading overlaps the merge. Blocks are decoded on `device`, where the
+    merge computes.
     """
 
-    def __init__(self, reads: Iterator[Read], in_bytes: int):
-        self._reads = reads
+    def __init__(self, reads: Iterator[Read], in_bytes: int, device: torch.device):
+        self._reads, self._device = reads, device
         self._buffers = [bytearray(in_bytes), bytearray(in_bytes)]
         self._turn = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-reader")
@@ -91,7 +98,7 @@ class _ReadAhead:
         source, start, stop = read
         buffer = memoryview(self._buffers[self._turn])
         self._turn ^= 1
-        self._ahead = (read, self._pool.submit(source.read_rows, start, stop, buffer))
+        self._ahead = (read, self._pool.submit(source.read_rows, start, stop, buffer, self._device))
 
     def take(self, source: Source, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of `source`, which must be the next read of the schedule."""
@@ -204,10 +211,11 @@ class _LoadedDelta:
     row_offset: int | None
 
     @classmethod
-    def load(cls, delta: Delta) -> _LoadedDelta:
+    def load(cls, delta: Delta, device: torch.device) -> _LoadedDelta:
         lora = delta.lora
         dtype = lora.compute_dtype or torch.float32
-        return cls(lora.a.read().to(dtype), lora.b.read().to(dtype), delta.scale, delta.transposed, lora.row_offset)
+        return cls(lora.a.read().to(device, dtype), lora.b.read().to(device, dtype), delta.scale, delta.transposed,
+                   lora.row_offset)
 
     def add_rows(self, work: torch.Tensor, scratch: torch.Tensor, start: int, stop: int) -> None:
         """work += scale · (B @ A)[start:stop] (or its transpose), computed as PEFT does: matmul, then scale,
@@ -243,11 +251,16 @@ class _LoadedDelta:
 
 
 class _Work:
-    """The float32 blocks a merge computes in: the merged rows, and the scratch a LoRA product goes to."""
+    """Where a merge computes: the float32 merged rows and the scratch a LoRA product goes to, on the CPU or
+    on the accelerator, which also holds the encoded block until it is copied to the host's output buffer."""
 
-    def __init__(self, elements: int):
-        self.work = torch.empty(elements, dtype=torch.float32)
-        self.delta = torch.empty(elements, dtype=torch.float32)
+    def __init__(self, elements: int, out_bytes: int, accelerator: Accelerator | None):
+        self.accelerator = accelerator
+        self.device = accelerator.device if accelerator is not None else CPU
+        self.work = torch.empty(elements, dtype=torch.float32, device=self.device)
+        self.delta = torch.empty(elements, dtype=torch.float32, device=self.device)
+        self.staging = (torch.empty(out_bytes, dtype=torch.uint8, device=self.device) if accelerator is not None
+                        else None)
 
 
 @dataclass
@@ -299,12 +312,14 @@ class _TensorMerger:
                 progress(len(data))
 
     def read(self, start: int, stop: int) -> torch.Tensor:
-        """The block's source rows, as PEFT sees them: a replacement is first loaded into the model's dtype
-        (here into the output buffer, which is free until the block is encoded)."""
+        """The block's source rows on the compute device, as PEFT sees them: a replacement is first loaded into
+        the model's dtype (here into the host's output buffer, which is free until the block is encoded)."""
         source = self.reader.take(self.t.source, start, stop)
         if self.t.is_replacement:
             assert len(self.targets) == 1, "an adapter's own tensor belongs to its output only"
             source = _view(self.out.next_buffer(), self.t.dtype, source.shape).copy_(source)
+            if self.buf.accelerator is not None:
+                source = self.buf.accelerator.to_device(source)
         return source
 
 
@@ -314,8 +329,9 @@ class _TargetMerge:
     def __init__(self, target: _Target, sink: ShardSink, merger: _TensorMerger):
         tensor = target.tensor
         self.t, self.lane, self.sink, self.m = tensor, target.output, sink, merger
-        self.deltas = [_LoadedDelta.load(d) for d in tensor.deltas]
-        self.magnitude = tensor.magnitude.read().float() if tensor.magnitude is not None else None
+        device = merger.buf.device
+        self.deltas = [_LoadedDelta.load(d, device) for d in tensor.deltas]
+        self.magnitude = tensor.magnitude.read().to(device, torch.float32) if tensor.magnitude is not None else None
         # DoRA on a weight stored [in, out] scales columns, by norms over every block (set before the merge)
         self.needs_column_norms = self.magnitude is not None and self.deltas[0].transposed
         self.column_factors: torch.Tensor | None = None
@@ -324,9 +340,11 @@ class _TargetMerge:
     def write_block(self, rows: torch.Tensor, start: int, stop: int) -> int:
         """Merge this output's deltas into the block's `rows`, encode, hand to the writer; the bytes written."""
         out = self.m.out
-        buffer = out.next_buffer()
+        host = torch.frombuffer(out.next_buffer(), dtype=torch.uint8)
+        staging = self.m.buf.staging
+        target = host if staging is None else staging  # where the block is encoded
         if not self.t.needs_fp32:
-            dense = _view(buffer, self.t.dtype, rows.shape).copy_(rows)
+            dense = _typed(target, self.t.dtype, rows.shape).copy_(rows)
             nbytes = dense.numel() * dense.element_size()
         else:
             work = self._merged(rows, start, stop)
@@ -340,10 +358,12 @@ class _TargetMerge:
                                  f"(rows {start}-{stop}); the adapter or base is broken. Pass "
                                  "--allow-nonfinite to keep them")
             if self.encoder is not None:
-                nbytes = self.encoder.encode(work, torch.frombuffer(buffer, dtype=torch.uint8))
+                nbytes = self.encoder.encode(work, target)
             else:
-                dense = _view(buffer, self.t.dtype, rows.shape).copy_(work)
+                dense = _typed(target, self.t.dtype, rows.shape).copy_(work)
                 nbytes = dense.numel() * dense.element_size()
+        if self.m.buf.accelerator is not None:
+            self.m.buf.accelerator.to_host(target[:nbytes], host[:nbytes])
         out.write(self.lane, self.sink, nbytes)
         return nbytes
 
@@ -356,7 +376,7 @@ class _TargetMerge:
         for delta in self.deltas:
             delta.add_rows(work, self.m.buf.delta, start, stop)
         for ref, scale in self.t.bias_deltas:
-            work.add_(ref.read().float().reshape(work.shape) * scale)
+            work.add_(ref.read().to(work.device, torch.float32).reshape(work.shape) * scale)
         return work
 
     def column_norms(self) -> torch.Tensor:
@@ -368,7 +388,7 @@ class _TargetMerge:
         blocks = self.m._blocks()
         if len(blocks) == 1:
             return torch.linalg.norm(self._merged(self.m.read(0, self.t.rows), 0, self.t.rows).T, dim=1)
-        squares = torch.zeros(self.m.cols, dtype=torch.float64)
+        squares = torch.zeros(self.m.cols, dtype=torch.float64, device=self.m.buf.device)
         for start, stop in blocks:
             squares += self._merged(self.m.read(start, stop), start, stop).double().square().sum(dim=0)
         return squares.sqrt().float()
@@ -427,9 +447,10 @@ def merge_threads() -> int:
 def write_outputs(plans: Sequence[Plan], open_sink: Callable[[int, Shard], ShardSink], progress: Progress, *,
                   finished: Sequence[set[str]] | None = None,
                   on_committed: Callable[[int, str, int, int], None] = lambda _k, _name, _size, _crc: None,
-                  allow_nonfinite: bool = False) -> None:
+                  allow_nonfinite: bool = False, accelerator: Accelerator | None = None) -> None:
     """Produce every shard of every plan (all over the same base, with the same layout) in one pass over the
-    base; output k's shards not in `finished[k]` go to the sink `open_sink(k, shard)` gives.
+    base; output k's shards not in `finished[k]` go to the sink `open_sink(k, shard)` gives. Blocks are merged
+    and encoded on the `accelerator` when there is one, else on the CPU.
 
     Each shard is committed (for a file: fsynced, renamed) on the writer thread once its last block is
     written, then `on_committed(k, filename, size, crc32)` runs there too (for sinks that are files), while
@@ -442,10 +463,11 @@ def write_outputs(plans: Sequence[Plan], open_sink: Callable[[int, Shard], Shard
     decoded = [t for plan in plans for t in plan.tensors if not t.is_copy] or [t for p in plans for t in p.tensors]
     stored = max(math.ceil(t.source.stored_bytes / max(1, t.source.numel)) for t in decoded)
     steps = _steps(plans, finished, allow_nonfinite)
+    out_bytes = elements * max(max(t.dtype.itemsize for t in decoded), 1)
+    work = _Work(elements if any(t.needs_fp32 for t in decoded) else 0, out_bytes, accelerator)
     reader = _ReadAhead((read for step in steps for _, merges in step.positions for m in merges for read in m.reads()),
-                        elements * stored)
-    work = _Work(elements if any(t.needs_fp32 for t in decoded) else 0)
-    out = _WriteBehind(elements * max(max(t.dtype.itemsize for t in decoded), 1), len(plans) + 1, len(plans))
+                        elements * stored, work.device)
+    out = _WriteBehind(out_bytes, len(plans) + 1, len(plans))
     threads = torch.get_num_threads()
     torch.set_num_threads(merge_threads())
     try:
@@ -491,8 +513,8 @@ def write_outputs(plans: Sequence[Plan], open_sink: Callable[[int, Shard], Shard
 def write_shards(plan: Plan, open_sink: Callable[[Shard], ShardSink], progress: Progress, *,
                  finished: set[str] = frozenset(),
                  on_committed: Callable[[str, int, int], None] = lambda _name, _size, _crc: None,
-                 allow_nonfinite: bool = False) -> None:
+                 allow_nonfinite: bool = False, accelerator: Accelerator | None = None) -> None:
     """`write_outputs` for one plan: every shard not in `finished`, from the sink `open_sink` gives for it."""
     write_outputs([plan], lambda _k, shard: open_sink(shard), progress, finished=[set(finished)],
                   on_committed=lambda _k, name, size, crc: on_committed(name, size, crc),
-                  allow_nonfinite=allow_nonfinite)
+                  allow_nonfinite=allow_nonfinite, accelerator=accelerator)

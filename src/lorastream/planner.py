@@ -132,6 +132,11 @@ class Shard:
         return [spec for t in self.tensors for spec in t.specs]
 
 
+def describe(buffers: Sequence[tuple[str, int]]) -> str:
+    """`2 input blocks (one read ahead): 4 B + ...`: what a row-block element costs, buffer by buffer."""
+    return " + ".join(f"{what}: {size} B" for what, size in buffers)
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """How the budget is spent: measured baseline, adapter tensors, and the reused row-block buffers.
@@ -147,14 +152,27 @@ class MemoryPlan:
     min_block_elements: int
     in_flight: tuple[tuple[str, int], ...] = ()
     io_buffers: int = 0  # remote storage: ranged-read copies and the multipart upload buffer
+    # merging on an accelerator (`--device cuda`): its memory budget, the adapter tensors and blocks it holds
+    gpu_budget: int = 0
+    gpu_adapter_peak: int = 0
+    gpu_in_flight: tuple[tuple[str, int], ...] = ()
 
     @property
     def bytes_per_element(self) -> int:
         return sum(size for _, size in self.in_flight)
 
+    @property
+    def gpu_bytes_per_element(self) -> int:
+        return sum(size for _, size in self.gpu_in_flight)
+
+    @property
+    def gpu_minimum(self) -> int:
+        """The smallest accelerator budget with which the job can run (0 on the CPU)."""
+        return self.gpu_adapter_peak + self.min_block_elements * self.gpu_bytes_per_element
+
     def describe_buffers(self) -> str:
-        """`2 input blocks (one read ahead): 4 B + ...`: what a row-block element costs, buffer by buffer."""
-        return " + ".join(f"{what}: {size} B" for what, size in self.in_flight)
+        """What a row-block element costs on the host, buffer by buffer."""
+        return describe(self.in_flight)
 
     @property
     def minimum(self) -> int:
@@ -164,7 +182,7 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.budget >= self.minimum
+        return self.budget >= self.minimum and self.gpu_budget >= self.gpu_minimum
 
 
 @dataclass(frozen=True)
@@ -309,29 +327,34 @@ def _shards(tensors: list[OutputTensor], max_shard_size: int) -> tuple[Shard, ..
                  for filename, names in split.filename_to_tensors.items())
 
 
-def _adapter_bytes(tensor: OutputTensor) -> int:
-    """What one output holds while it computes `tensor`: its LoRA factors, DoRA magnitude, encoder state."""
+def _adapter_bytes(tensor: OutputTensor, encoder_state: bool = True) -> int:
+    """What one output holds while it computes `tensor`: its LoRA factors, DoRA magnitude, encoder state (on
+    the host also with an accelerator)."""
     return (sum(d.fp32_bytes for d in tensor.deltas) + (tensor.magnitude.numel * 8 if tensor.magnitude else 0)
-            + (tensor.encoding.state_bytes(tensor.source.numel) if tensor.encoding else 0))
+            + (tensor.encoding.state_bytes(tensor.source.numel) if tensor.encoding and encoder_state else 0))
 
 
 def _memory_plan(outputs: Sequence[Sequence[OutputTensor]], budget: int, baseline: int,
-                 io_buffers: int = 0) -> MemoryPlan:
-    """The budget of one pass producing every output (their tensors position by position) block by block."""
+                 io_buffers: int = 0, gpu_budget: int = 0) -> MemoryPlan:
+    """The budget of one pass producing every output (their tensors position by position) block by block;
+    with a `gpu_budget` the blocks are computed on an accelerator and must fit its memory too."""
     decoded = [t for tensors in outputs for t in tensors if not t.is_copy]
     if not decoded:
-        return MemoryPlan(budget, baseline, RESERVE_BYTES, 0, 0, 0, io_buffers=io_buffers)
+        return MemoryPlan(budget, baseline, RESERVE_BYTES, 0, 0, 0, io_buffers=io_buffers, gpu_budget=gpu_budget)
     in_item = max(t.source.decode_bytes_per_element for t in decoded)
     out_item = max(max(t.dtype.itemsize for t in decoded), 1)
-    in_flight = [("2 input blocks (one read ahead)", 2 * in_item),
-                 (f"{len(outputs) + 1} output blocks (written behind)", (len(outputs) + 1) * out_item)]
+    compute: list[tuple[str, int]] = []  # where the merge computes: the host, or the accelerator
     if any(t.needs_fp32 for t in decoded):
-        in_flight.append(("float32 work and LoRA product", 8))
+        compute.append(("float32 work and LoRA product", 8))
     if any(t.magnitude is not None and t.deltas[0].transposed for t in decoded):
-        in_flight.append(("DoRA column norms in float64", 16))  # the square and its block
+        compute.append(("DoRA column norms in float64", 16))  # the square and its block
     encode = max((t.encoding.encode_bytes_per_element for t in decoded if t.encoding), default=0)
     if encode:
-        in_flight.append(("quantizer temporaries", encode))
+        compute.append(("quantizer temporaries", encode))
+    in_flight = [("2 input blocks (one read ahead)", 2 * in_item),
+                 (f"{len(outputs) + 1} output blocks (written behind)", (len(outputs) + 1) * out_item), *compute]
+    gpu_in_flight = [("2 input blocks decoded (one read ahead)", 2 * in_item),
+                     ("encoded block", out_item), *compute] if gpu_budget else []
     # every output's adapter tensors for one tensor position at once, and each source read there once
     adapter_peak = max(sum(_adapter_bytes(t) for t in position if not t.is_copy)
                        + sum({id(t.source): getattr(t.source, "resident_bytes", 0)
@@ -339,9 +362,14 @@ def _memory_plan(outputs: Sequence[Sequence[OutputTensor]], budget: int, baselin
     min_elements = max(t.min_block_rows * t.row_elements for t in decoded)
     per_element = sum(size for _, size in in_flight)
     spare = budget - baseline - RESERVE_BYTES - io_buffers - adapter_peak
-    elements = max(min_elements, min(MAX_BLOCK_ELEMENTS, spare // per_element))
-    return MemoryPlan(budget, baseline, RESERVE_BYTES, adapter_peak, elements, min_elements, tuple(in_flight),
-                      io_buffers)
+    elements = min(MAX_BLOCK_ELEMENTS, spare // per_element)
+    gpu_adapter_peak = 0
+    if gpu_budget:  # the accelerator holds the LoRA factors and magnitudes of one position, not encoder state
+        gpu_adapter_peak = max(sum(_adapter_bytes(t, encoder_state=False) for t in position if not t.is_copy)
+                               for position in zip(*outputs, strict=True))
+        elements = min(elements, (gpu_budget - gpu_adapter_peak) // sum(size for _, size in gpu_in_flight))
+    return MemoryPlan(budget, baseline, RESERVE_BYTES, adapter_peak, max(min_elements, elements), min_elements,
+                      tuple(in_flight), io_buffers, gpu_budget, gpu_adapter_peak, tuple(gpu_in_flight))
 
 
 # Weights transformers keeps dense when it quantizes a model (embeddings, the output head).
@@ -378,22 +406,24 @@ def _trained_on(tensor: OutputTensor, base: HFModel, encoding: Bnb4Encoding,
 
 def make_plan(base: HFModel, adapters: list[tuple[Adapter, float]], out_dir: Path, *, budget: int, baseline: int,
               disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
-              quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None, io_buffers: int = 0) -> Plan:
+              quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None, io_buffers: int = 0,
+              gpu_budget: int = 0) -> Plan:
     """Plan merging `adapters` (each with its weight) into `base`; pure, from headers only.
 
     `quantize` writes linear weights quantized; `trained_on` reads dense linear weights through that 4-bit
     quantization first (the weights a QLoRA adapter was trained against); `io_buffers` is what remote storage
-    holds in memory (see `storage.io_buffer_bytes`).
+    holds in memory (see `storage.io_buffer_bytes`); `gpu_budget` is the accelerator memory the merge may take
+    when it computes there (0: on the CPU).
     """
     return make_plans(base, [adapters], [out_dir], budget=budget, baseline=baseline, disk_free=disk_free,
                       max_shard_size=max_shard_size, dtype=dtype, quantize=quantize, trained_on=trained_on,
-                      io_buffers=io_buffers)[0]
+                      io_buffers=io_buffers, gpu_budget=gpu_budget)[0]
 
 
 def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_dirs: Sequence[Path], *, budget: int,
                baseline: int, disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
                quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None,
-               io_buffers: int = 0) -> list[Plan]:
+               io_buffers: int = 0, gpu_budget: int = 0) -> list[Plan]:
     """Plan each of `jobs` (adapters with weights) merged into `base` on its own, all produced in one pass over
     the base (`merge --each`): a base tensor is one source for every plan, so the engine reads each row block
     once, and the plans share one memory plan that holds every output's buffers and adapter tensors."""
@@ -415,7 +445,7 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
             raise InputError(f"{frozen[0][0].source}: adds tensors the base does not have, so its output is laid "
                              "out unlike the others'; merge it on its own")
         planned.append((frozen, targets, tensors, shards))
-    memory = _memory_plan([tensors for _, _, tensors, _ in planned], budget, baseline, io_buffers)
+    memory = _memory_plan([tensors for _, _, tensors, _ in planned], budget, baseline, io_buffers, gpu_budget)
     return [Plan(base, frozen, out_dir, tuple(tensors), shards, memory,
                  sum(s.nbytes for s in shards) + HEADER_ALLOWANCE * len(shards), disk_free, max_shard_size, dtype,
                  targets, quantize)
@@ -431,7 +461,7 @@ def describe_shortfall(plan: Plan, *others: Plan) -> str | None:
     """Why the plan (with the `others` of its pass, which share its memory and disk) cannot run, with the
     numbers and the option that would make it fit; None when it can."""
     memory = plan.memory
-    if not memory.fits:
+    if memory.budget < memory.minimum:
         return (f"--max-memory {format_size(memory.budget)} is below the {format_size(memory.minimum)} "
                 f"this job needs (baseline {format_size(memory.baseline)}, adapter tensors "
                 f"{format_size(memory.adapter_peak)}, "
@@ -440,6 +470,12 @@ def describe_shortfall(plan: Plan, *others: Plan) -> str | None:
                 f"{format_size(memory.min_block_elements * memory.bytes_per_element)}: {memory.min_block_elements:,} "
                 f"elements x ({memory.describe_buffers()})); use --max-memory {math.ceil(memory.minimum / 2**20)}MiB "
                 "or more")
+    if memory.gpu_budget < memory.gpu_minimum:
+        return (f"--max-gpu-memory {format_size(memory.gpu_budget)} is below the {format_size(memory.gpu_minimum)} "
+                f"this job needs on the GPU (adapter tensors {format_size(memory.gpu_adapter_peak)}, smallest row "
+                f"block {format_size(memory.min_block_elements * memory.gpu_bytes_per_element)}: "
+                f"{memory.min_block_elements:,} elements x ({describe(memory.gpu_in_flight)})); use "
+                f"--max-gpu-memory {math.ceil(memory.gpu_minimum / 2**20)}MiB or more")
     needed = plan.disk_needed + sum(p.disk_needed for p in others)
     if plan.disk_free < needed:
         return (f"{plan.out_dir}: the output needs {format_size(needed)} and only "

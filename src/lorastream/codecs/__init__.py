@@ -6,7 +6,8 @@ A source is anything the engine can read rows of, decoded:
   `rows`, `row_elements`, `numel`, `stored_bytes`;
 - `row_alignment`: row blocks must start at multiples of it (quantization blocks are flat);
 - `decode_bytes_per_element`: memory a decoded block needs per element, temporaries included;
-- `read_rows(start, stop, buffer) -> Tensor[stop - start, row_elements]` in `dtype`.
+- `read_rows(start, stop, buffer, device) -> Tensor[stop - start, row_elements]` in `dtype`: the stored bytes
+  are read into `buffer` on the host and decoded on `device` (a GPU when the merge runs there).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from ..device import CPU
 from ..formats.tensor_ref import TensorRef
 from .bnb4 import QUANT_STATE_PREFIX, SIDECARS, Bnb4Encoding, bnb4_source
 from .int8 import Int8Encoding, int8_source
@@ -56,7 +58,7 @@ class Source(Protocol):
     @property
     def decode_bytes_per_element(self) -> int: ...
 
-    def read_rows(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor: ...
+    def read_rows(self, start: int, stop: int, buffer: memoryview, device: torch.device = CPU) -> torch.Tensor: ...
 
 
 def group_sources(tensors: dict[str, TensorRef], int8_dtype: torch.dtype) -> dict[str, Source]:

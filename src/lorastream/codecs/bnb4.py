@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..device import CPU
 from ..errors import InputError
 from ..formats.tensor_ref import TensorRef
 from .geometry import SameGeometry
@@ -100,14 +101,14 @@ class Bnb4Source:
         return dequantize_nested(raw, nested_absmax, self.nested_offset, nested_code, first_block,
                                  self.nested_blocksize)
 
-    def read_rows(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor:
+    def read_rows(self, start: int, stop: int, buffer: memoryview, device: torch.device = CPU) -> torch.Tensor:
         cols = self.row_elements
         first, count = start * cols, (stop - start) * cols
         if first % self.blocksize:
             raise AssertionError(f"{self.name}: row block {start} is not aligned to {self.blocksize}-value blocks")
-        raw = _read_bytes(self.packed, first // 2, (count + 1) // 2, buffer)
-        values = self._pairs[raw.long()].view(-1)[:count]  # one lookup gives both nibbles of a byte
-        absmax = self._absmax(first // self.blocksize, math.ceil(count / self.blocksize))
+        raw = _read_bytes(self.packed, first // 2, (count + 1) // 2, buffer).to(device)
+        values = self._pairs.to(device)[raw.long()].view(-1)[:count]  # one lookup gives both nibbles of a byte
+        absmax = self._absmax(first // self.blocksize, math.ceil(count / self.blocksize)).to(device)
         return scale_blocks(values, absmax, self.blocksize).to(self.dtype).view(stop - start, cols)
 
     @cached_property
@@ -293,8 +294,9 @@ class Quantizer4:
         self.zero_code = self.codes_of_scaled(torch.zeros(1))[0]
 
     def codes_of_scaled(self, scaled: torch.Tensor) -> torch.Tensor:
-        codes = torch.bucketize(scaled, self._bounds, out_int32=True)
-        return self._order[codes] if self._remap else codes
+        """Codes on the device of `scaled` (the 16-entry tables follow it there)."""
+        codes = torch.bucketize(scaled, self._bounds.to(scaled.device), out_int32=True)
+        return self._order.to(scaled.device)[codes] if self._remap else codes
 
     def codes(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes and float32 absmax of `values`, whose first element starts a quantization block."""
@@ -337,7 +339,7 @@ class Bnb4Encoder:
         codes8 = codes.to(torch.uint8)
         count = codes8.numel() // 2
         torch.bitwise_or(codes8[::2] << 4, codes8[1::2], out=out[:count])
-        self._absmax.append(absmax)
+        self._absmax.append(absmax.cpu())  # the statistics are computed on the host
         return count
 
     def statistics(self) -> list[bytes]:
@@ -424,13 +426,13 @@ class RoundTripSource(SameGeometry):
             self._absmax = absmax
         return self._absmax
 
-    def read_rows(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor:
+    def read_rows(self, start: int, stop: int, buffer: memoryview, device: torch.device = CPU) -> torch.Tensor:
         absmax = self._block_absmax(buffer)
         quantizer = Quantizer4(self.encoding.quant_type, self.encoding.blocksize)
-        values = self.inner.read_rows(start, stop, buffer).float()
+        values = self.inner.read_rows(start, stop, buffer, device).float()
         codes, _ = quantizer.codes(values)
         first_block = start * self.row_elements // self.encoding.blocksize
         blocks = math.ceil(values.numel() / self.encoding.blocksize)
-        decoded = scale_blocks(quantizer.code[codes.long()], absmax[first_block:first_block + blocks],
-                               self.encoding.blocksize)
+        decoded = scale_blocks(quantizer.code.to(device)[codes.long()],
+                               absmax[first_block:first_block + blocks].to(device), self.encoding.blocksize)
         return decoded.to(self.inner.dense_dtype).to(self.dtype).view(values.shape)

@@ -12,6 +12,7 @@ from functools import cached_property
 
 import torch
 
+from ..device import CPU
 from ..errors import InputError
 from ..formats.tensor_ref import TensorRef
 from .bnb4 import tensor_bytes
@@ -46,9 +47,9 @@ class Int8Source(SameGeometry):
     def _scb(self) -> torch.Tensor:
         return self.scb.read().float()
 
-    def read_rows(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor:
-        rows = self.weight.read_rows(start, stop, buffer).float()
-        return rows * self._scb[start:stop].view(-1, 1) * INV_127
+    def read_rows(self, start: int, stop: int, buffer: memoryview, device: torch.device = CPU) -> torch.Tensor:
+        rows = self.weight.read_rows(start, stop, buffer, device).float()
+        return rows * self._scb[start:stop].to(device).view(-1, 1) * INV_127
 
 
 def int8_source(module: str, tensors: dict[str, TensorRef], dense_dtype: torch.dtype) -> Int8Source:
@@ -101,7 +102,7 @@ class Int8Encoder:
         row_stats = torch.max(half.abs(), dim=1).values.float()
         quantized = torch.round(half * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
         out[: quantized.numel()].copy_(quantized.view(torch.uint8).reshape(-1))
-        self._scb.append(row_stats)
+        self._scb.append(row_stats.cpu())  # the statistics are written from the host
         return quantized.numel()
 
     def statistics(self) -> list[bytes | bytearray]:

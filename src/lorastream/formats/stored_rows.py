@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import CPU
 from ..errors import InputError
 from .tensor_ref import TensorRef
 
@@ -83,7 +84,7 @@ class StoredRows:
         """The stored bytes, plus the rounded copy when the dtypes differ."""
         return self.stored_dtype.itemsize + (self.dtype.itemsize if self.dtype != self.stored_dtype else 0)
 
-    def read_rows(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor:
+    def read_rows(self, start: int, stop: int, buffer: memoryview, device: torch.device = CPU) -> torch.Tensor:
         cols = self.row_elements
         first, end = start * cols, stop * cols
         itemsize = self.stored_dtype.itemsize
@@ -94,4 +95,4 @@ class StoredRows:
                 piece.read_elements_into(low - piece_start, high - low, buffer[(low - first) * itemsize:])
             piece_start += piece.numel
         rows = torch.frombuffer(buffer, dtype=self.stored_dtype, count=end - first).view(stop - start, cols)
-        return rows if self.dtype == self.stored_dtype else rows.to(self.dtype)
+        return rows.to(device, self.dtype)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..device import CPU
 from ..errors import InputError
 from ..storage import Location, RemotePath
 
@@ -88,10 +89,11 @@ class TensorRef:
         finally:
             os.close(fd)
 
-    def read_rows(self, start: int, stop: int, buffer: memoryview) -> torch.Tensor:
-        """Rows [start, stop) as a [rows, row_elements] tensor viewing `buffer`."""
+    def read_rows(self, start: int, stop: int, buffer: memoryview, device: torch.device = CPU) -> torch.Tensor:
+        """Rows [start, stop) as a [rows, row_elements] tensor viewing `buffer` (or its copy on `device`)."""
         cols = self.row_elements
-        return self.read_elements_into(start * cols, (stop - start) * cols, buffer).view(stop - start, cols)
+        rows = self.read_elements_into(start * cols, (stop - start) * cols, buffer).view(stop - start, cols)
+        return rows.to(device)
 
     def read(self) -> torch.Tensor:
         """Read the whole tensor into fresh memory (for small tensors: adapters, statistics)."""
