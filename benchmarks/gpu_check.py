@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, "tests")
-from conftest import build_case, load_output, tiny_llama  # noqa: E402
-from test_quantized import quantize  # noqa: E402
+from conftest import build_case, load_output, tiny_llama
+from test_quantized import quantize
 
-import lorastream  # noqa: E402
+import lorastream
 
 assert torch.cuda.is_available() or "--allow-cpu" in sys.argv, "no CUDA device"
 root = Path(tempfile.mkdtemp())
