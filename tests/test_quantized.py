@@ -15,7 +15,8 @@ from conftest import Case, build_case, load_output, tiny_llama
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lorastream
-from lorastream.codecs.bnb4 import Bnb4Source
+from lorastream.codecs import bnb4
+from lorastream.codecs.bnb4 import Bnb4Source, Quantizer4
 from lorastream.codecs.int8 import Int8Source
 from lorastream.formats.hf import open_hf_model
 
@@ -288,3 +289,26 @@ def test_quantized_output_logits_equal_peft_merge_quantized_the_same_way(case: C
     tokens = torch.randint(0, 384, (2, 10), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(ours(tokens).logits, reference(tokens).logits)
+
+
+def test_double_quant_statistics_do_not_depend_on_the_engines_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine runs torch with fewer threads than a default process; a 40960-block tensor's absmax mean is a
+    parallel sum whose rounding changes with the thread count, so the offset must still be bitsandbytes' own
+    (here: bitsandbytes in a process whose default is 2 threads)."""
+    monkeypatch.setattr(bnb4, "DEFAULT_THREADS", 2)
+    threads = torch.get_num_threads()
+    plain_means_differ = 0
+    try:
+        for seed in range(6):
+            weight = torch.randn(4096, 640, generator=torch.Generator().manual_seed(seed)) * 0.02
+            _, absmax = Quantizer4("nf4", 64).codes(weight)
+            torch.set_num_threads(2)
+            reference = bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)[1]
+            torch.set_num_threads(1)
+            plain_means_differ += absmax.mean().item() != reference.offset.item()
+            codes, nested_absmax, offset = bnb4.quantize_nested(absmax)
+            assert offset == reference.offset.item()
+            assert torch.equal(codes, reference.absmax) and torch.equal(nested_absmax, reference.state2.absmax)
+    finally:
+        torch.set_num_threads(threads)
+    assert plain_means_differ, "no seed shows the thread-count effect; the test would pass without the fix"

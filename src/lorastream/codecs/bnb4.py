@@ -219,9 +219,30 @@ def _lookup_table(code: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(midpoints, bins, side="left").to(torch.uint8)
 
 
+# torch's intra-op threads when lorastream was imported: what bitsandbytes runs with in a default process
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+def mean_as_default_process(values: torch.Tensor) -> torch.Tensor:
+    """`values.mean()` in float32 as a process with torch's default threads computes it.
+
+    A parallel sum's rounding depends on how many threads split it (tensors over 32768 elements), and the
+    engine runs torch with fewer threads (and its reader thread with whatever it inherited), so the double
+    quantization offset would change with timing and machine load instead of matching bitsandbytes.
+    """
+    threads = torch.get_num_threads()
+    if threads == DEFAULT_THREADS:
+        return values.mean()
+    torch.set_num_threads(DEFAULT_THREADS)
+    try:
+        return values.mean()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def quantize_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Double quantization of per-block absmax: (uint8 codes, float32 absmax per 256 blocks, offset)."""
-    offset = absmax.mean()
+    offset = mean_as_default_process(absmax)
     values = absmax - offset
     blocks = math.ceil(values.numel() / NESTED_BLOCKSIZE)
     padded = torch.nn.functional.pad(values, (0, blocks * NESTED_BLOCKSIZE - values.numel())).view(blocks, -1)
