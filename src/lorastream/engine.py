@@ -82,11 +82,13 @@ class _ReadAhead:
     merge computes.
     """
 
-    def __init__(self, reads: Iterator[Read], in_bytes: int, device: torch.device):
+    def __init__(self, reads: Iterator[Read], in_bytes: int, device: torch.device, threads: int):
         self._reads, self._device = reads, device
         self._buffers = [bytearray(in_bytes), bytearray(in_bytes)]
         self._turn = 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-reader")
+        # the reader decodes with the merge's thread count, not whatever torch's lazy per-thread set-up finds
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-reader",
+                                        initializer=torch.set_num_threads, initargs=(threads,))
         self._ahead: tuple[Read, Future[torch.Tensor]] | None = None
         self._start_next()
 
@@ -465,11 +467,11 @@ def write_outputs(plans: Sequence[Plan], open_sink: Callable[[int, Shard], Shard
     steps = _steps(plans, finished, allow_nonfinite)
     out_bytes = elements * max(max(t.dtype.itemsize for t in decoded), 1)
     work = _Work(elements if any(t.needs_fp32 for t in decoded) else 0, out_bytes, accelerator)
+    threads, merging = torch.get_num_threads(), merge_threads()
+    torch.set_num_threads(merging)
     reader = _ReadAhead((read for step in steps for _, merges in step.positions for m in merges for read in m.reads()),
-                        elements * stored, work.device)
+                        elements * stored, work.device, merging)
     out = _WriteBehind(out_bytes, len(plans) + 1, len(plans))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(merge_threads())
     try:
         for step in steps:
             for k, plan in enumerate(plans):
