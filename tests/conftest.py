@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -112,3 +113,24 @@ def demo_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     build_demo_model(root / "base")
     build_demo_adapter(root / "adapter")
     return root / "base", root / "adapter"
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[tuple[Any, dict[str, str]]]:
+    """A moto S3 server on 127.0.0.1 (random port) and the AWS_* variables that lead s3fs to it, as they would
+    to any endpoint (set here; subprocesses and Ray workers can be given them)."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    variables = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in variables.items():
+            env.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches filesystems: one may lead to an earlier server
+        yield s3fs.S3FileSystem(skip_instance_cache=True), variables
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()

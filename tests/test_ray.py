@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 import ray
-import s3fs
 from click.testing import CliRunner
 from test_remote import contents, local_files, remote_files
 
@@ -100,22 +99,10 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def s3() -> Iterator[tuple[Any, dict[str, str]]]:
-    """A moto S3 server on loopback, and the AWS_* variables that lead s3fs to it (here and in Ray workers)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    variables = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in variables.items():
-            env.setenv(name, value)
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        fs.mkdir(BUCKET)
-        yield fs, variables
-    server.stop()
+def s3(s3_server: tuple[Any, dict[str, str]]) -> tuple[Any, dict[str, str]]:
+    """The server's filesystem with this module's bucket, and the variables Ray workers need to reach it."""
+    s3_server[0].mkdir(BUCKET)
+    return s3_server
 
 
 @pytest.fixture(scope="module")

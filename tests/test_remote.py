@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import s3fs
 import torch
 from click.testing import CliRunner
 from conftest import build_case, tiny_llama
@@ -30,22 +28,11 @@ SHARD = "60KB"  # the tiny model then spans six shards
 
 
 @pytest.fixture(scope="module")
-def s3() -> Iterator[Any]:
-    """A moto S3 server on 127.0.0.1 (random port), found through AWS_ENDPOINT_URL like any endpoint."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        env.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        fs.mkdir(BUCKET)
-        yield fs
-    server.stop()
+def s3(s3_server: tuple[Any, dict[str, str]]) -> Any:
+    """The server's filesystem, with this module's bucket."""
+    fs = s3_server[0]
+    fs.mkdir(BUCKET)
+    return fs
 
 
 @pytest.fixture(scope="module")
