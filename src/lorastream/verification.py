@@ -98,6 +98,8 @@ class Comparator:
         ref = self.merged[spec.name]
         raw = TensorRef(ref.name, torch.uint8, (ref.nbytes,), ref.path, ref.offset)
         stored = raw.read_elements_into(offset, len(expected), memoryview(bytearray(len(expected))))
+        if expected.readonly:  # small statistics handed over as bytes; torch wants a writable buffer
+            expected = memoryview(bytearray(expected))
         wanted = torch.frombuffer(expected, dtype=torch.uint8) if len(expected) else stored[:0]
         itemsize = spec.dtype.itemsize
         check.elements += len(expected) // itemsize
