@@ -40,7 +40,7 @@ from .litgpt import plan_litgpt as plan_litgpt_job
 from .memory import current_rss, default_budget, parse_size, peak_rss
 from .output import PROVENANCE_FILE, check_destination, write_companions
 from .planner import MAX_BLOCK_ELEMENTS, Plan, Shard, describe_shortfall, make_plans
-from .staging import job_id, promote, staging_for
+from .staging import Staging, job_id, promote, staging_for
 from .storage import NO_DISK_LIMIT, Location, io_buffer_bytes, is_remote, is_url, location
 from .verification import Comparator, TensorCheck, VerifyReport
 
@@ -212,8 +212,11 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
         raise ResourceError(shortfall)
     if executor == "ray":  # before staging: a failure there would discard a resumable partial output
         ray_executor.connect(ray_address, job.memory.budget)
-    record, metadata, job_key = _identity(job, dtype, quantize, trained_on, double_quant, gpu)
-    with staging_for(out_dir, job_key, overwrite) as staging:
+    identity = _identity(job, dtype, quantize, trained_on, double_quant, gpu)
+    metadata = identity[1]
+
+    def write(stagings: list[Staging]) -> None:
+        staging = stagings[0]
         if executor == "ray":
             task = ray_executor.ShardJob(_portable(base), tuple(_portable(a) for a in _adapter_paths(adapters)),
                                          _portable(out), {**plan_options, "max_memory": job.memory.budget},
@@ -223,8 +226,8 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
             write_shards(job, shard_opener(staging.path, metadata), progress or (lambda _n: None),
                          finished=staging.finished(), on_committed=staging.record, allow_nonfinite=allow_nonfinite,
                          accelerator=gpu)
-        write_companions(job, staging.path, {**record, "shards": staging.shards})
-        promote(staging, out_dir)
+
+    _stage_and_promote([job], [identity], overwrite, write)
     return MergeResult(out_dir, sorted(p.name for p in out_dir.iterdir()), job.total_size,
                        time.perf_counter() - started, peak_rss(), job.memory.budget)
 
@@ -251,21 +254,32 @@ def merge_each(base: PathLike, adapters: Sequence[PathLike], out: PathLike, *, m
     if shortfall:
         raise ResourceError(shortfall)
     identities = [_identity(job, dtype, quantize, trained_on, double_quant, gpu) for job in jobs]
-    with ExitStack() as stack:
-        stagings = [stack.enter_context(staging_for(job.out_dir, key, overwrite))
-                    for job, (_, _, key) in zip(jobs, identities, strict=True)]
+
+    def write(stagings: list[Staging]) -> None:
         openers = [shard_opener(staging.path, metadata) for staging, (_, metadata, _) in zip(stagings, identities,
                                                                                              strict=True)]
         write_outputs(jobs, lambda k, shard: openers[k](shard), progress or (lambda _n: None),
                       finished=[staging.finished() for staging in stagings],
                       on_committed=lambda k, name, size, crc: stagings[k].record(name, size, crc),
                       allow_nonfinite=allow_nonfinite, accelerator=gpu)
-        for job, staging, (record, _, _) in zip(jobs, stagings, identities, strict=True):
-            write_companions(job, staging.path, {**record, "shards": staging.shards})
-            promote(staging, job.out_dir)
+
+    _stage_and_promote(jobs, identities, overwrite, write)
     seconds = time.perf_counter() - started
     return [MergeResult(job.out_dir, sorted(p.name for p in job.out_dir.iterdir()), job.total_size, seconds,
                         peak_rss(), job.memory.budget) for job in jobs]
+
+
+def _stage_and_promote(jobs: list[Plan], identities: list[tuple[dict[str, Any], dict[str, str], str]],
+                       overwrite: bool, write: Callable[[list[Staging]], None]) -> None:
+    """Give each output its own staging folder (lock, manifest, resume), let `write` fill their shards, then add
+    the companions and move each output into place: the same steps for `merge` and `merge_each`."""
+    with ExitStack() as stack:
+        stagings = [stack.enter_context(staging_for(job.out_dir, key, overwrite))
+                    for job, (_, _, key) in zip(jobs, identities, strict=True)]
+        write(stagings)
+        for job, staging, (record, _, _) in zip(jobs, stagings, identities, strict=True):
+            write_companions(job, staging.path, {**record, "shards": staging.shards})
+            promote(staging, job.out_dir)
 
 
 def _check_output(base: PathLike, adapters: Sequence[PathLike], out_dir: Location, overwrite: bool) -> None:
