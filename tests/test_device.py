@@ -26,6 +26,7 @@ from lorastream.output import PROVENANCE_FILE
 
 MiB = 2**20
 FAKE_FREE = 512 * MiB
+FAKE_LIBRARIES = MiB  # a stand-in for the cuBLAS workspace a real GPU keeps (32 MiB on an H200)
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +43,13 @@ def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def cpu_as_gpu(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """`--device cuda` finds a "GPU" that is the CPU, with FAKE_FREE bytes free; counts blocks copied back."""
+    """`--device cuda` finds a "GPU" that is the CPU, with FAKE_FREE bytes free and FAKE_LIBRARIES taken by
+    torch's libraries; counts blocks copied back."""
     copies: list[int] = []
     to_host = Accelerator.to_host
     monkeypatch.setattr(lorastream.device, "cuda_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(lorastream.device, "free_memory", lambda _device: FAKE_FREE)
+    monkeypatch.setattr(lorastream.device, "library_bytes", lambda _device: FAKE_LIBRARIES)
 
     def counted(self: Accelerator, result: torch.Tensor, out: torch.Tensor) -> None:
         copies.append(1)
@@ -118,10 +121,13 @@ def test_plan_shows_the_gpu_budget_and_sizes_blocks_by_it(case: Case, tmp_path: 
                 "3MiB")
     assert shown.exit_code == 0, shown.stderr
     assert "gpu       budget 3.0 MiB" in shown.stdout
+    assert "cuBLAS workspace 1.0 MiB" in shown.stdout
     gpu = json.loads(cli("plan", case.base, case.adapter, "-o", tmp_path / "out", "--device", "cuda",
                          "--max-gpu-memory", "3MiB", "--json").stdout)
     assert gpu["gpu"]["budget"] == 3 * MiB
-    assert gpu["block_elements"] * gpu["gpu"]["bytes_per_element"] + gpu["gpu"]["adapter_peak"] <= 3 * MiB
+    assert gpu["gpu"]["libraries"] == FAKE_LIBRARIES  # the workspace a real GPU keeps is in the budget
+    assert (gpu["block_elements"] * gpu["gpu"]["bytes_per_element"] + gpu["gpu"]["adapter_peak"]
+            + gpu["gpu"]["libraries"] <= 3 * MiB)
     assert gpu["block_elements"] < json.loads(cli("plan", case.base, case.adapter, "-o", tmp_path / "out",
                                                   "--json").stdout)["block_elements"]
 

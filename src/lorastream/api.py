@@ -155,7 +155,8 @@ def _plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] 
                       max_shard_size=shard_bytes, dtype=chosen,
                       quantize=_encoding(quantize, double_quant, chosen, model),
                       trained_on=_encoding(trained_on, double_quant, None, model, "--trained-on"),  # type: ignore[arg-type]
-                      io_buffers=io_buffers, gpu_budget=accelerator.budget if accelerator is not None else 0)
+                      io_buffers=io_buffers, gpu_budget=accelerator.budget if accelerator is not None else 0,
+                      gpu_libraries=accelerator.libraries if accelerator is not None else 0)
 
 
 def _disk_free(out_dir: Location) -> int:

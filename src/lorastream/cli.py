@@ -247,7 +247,7 @@ def _plan_json(job: Plan) -> dict[str, Any]:
             "shards": [{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in job.shards],
             "targets": job.targets, "fits": describe_shortfall(job) is None,
             **({"gpu": {"budget": job.memory.gpu_budget, "minimum_budget": job.memory.gpu_minimum,
-                        "adapter_peak": job.memory.gpu_adapter_peak,
+                        "adapter_peak": job.memory.gpu_adapter_peak, "libraries": job.memory.gpu_libraries,
                         "bytes_per_element": job.memory.gpu_bytes_per_element,
                         "buffers": dict(job.memory.gpu_in_flight)}} if job.memory.gpu_budget else {})}
 
@@ -270,7 +270,8 @@ def _render_plan(job: Plan) -> str:
         + f"row blocks of up to {job.memory.block_elements:,} elements)",
         f"buffers   per row-block element {job.memory.bytes_per_element} B: {job.memory.describe_buffers()}",
         *([f"gpu       budget {format_size(job.memory.gpu_budget)}, minimum {format_size(job.memory.gpu_minimum)} "
-           f"(adapter tensors {format_size(job.memory.gpu_adapter_peak)}, per row-block element "
+           f"(cuBLAS workspace {format_size(job.memory.gpu_libraries)}, adapter tensors "
+           f"{format_size(job.memory.gpu_adapter_peak)}, per row-block element "
            f"{job.memory.gpu_bytes_per_element} B: {describe(job.memory.gpu_in_flight)})"]
           if job.memory.gpu_budget else []),
         f"disk      needs {format_size(job.disk_needed)}, "

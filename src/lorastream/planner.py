@@ -156,6 +156,7 @@ class MemoryPlan:
     gpu_budget: int = 0
     gpu_adapter_peak: int = 0
     gpu_in_flight: tuple[tuple[str, int], ...] = ()
+    gpu_libraries: int = 0  # what torch's libraries keep on the device for good (the cuBLAS workspace)
 
     @property
     def bytes_per_element(self) -> int:
@@ -168,7 +169,7 @@ class MemoryPlan:
     @property
     def gpu_minimum(self) -> int:
         """The smallest accelerator budget with which the job can run (0 on the CPU)."""
-        return self.gpu_adapter_peak + self.min_block_elements * self.gpu_bytes_per_element
+        return self.gpu_libraries + self.gpu_adapter_peak + self.min_block_elements * self.gpu_bytes_per_element
 
     def describe_buffers(self) -> str:
         """What a row-block element costs on the host, buffer by buffer."""
@@ -335,12 +336,13 @@ def _adapter_bytes(tensor: OutputTensor, encoder_state: bool = True) -> int:
 
 
 def _memory_plan(outputs: Sequence[Sequence[OutputTensor]], budget: int, baseline: int,
-                 io_buffers: int = 0, gpu_budget: int = 0) -> MemoryPlan:
+                 io_buffers: int = 0, gpu_budget: int = 0, gpu_libraries: int = 0) -> MemoryPlan:
     """The budget of one pass producing every output (their tensors position by position) block by block;
     with a `gpu_budget` the blocks are computed on an accelerator and must fit its memory too."""
     decoded = [t for tensors in outputs for t in tensors if not t.is_copy]
     if not decoded:
-        return MemoryPlan(budget, baseline, RESERVE_BYTES, 0, 0, 0, io_buffers=io_buffers, gpu_budget=gpu_budget)
+        return MemoryPlan(budget, baseline, RESERVE_BYTES, 0, 0, 0, io_buffers=io_buffers, gpu_budget=gpu_budget,
+                          gpu_libraries=gpu_libraries)
     in_item = max(t.source.decode_bytes_per_element for t in decoded)
     out_item = max(max(t.dtype.itemsize for t in decoded), 1)
     compute: list[tuple[str, int]] = []  # where the merge computes: the host, or the accelerator
@@ -367,9 +369,10 @@ def _memory_plan(outputs: Sequence[Sequence[OutputTensor]], budget: int, baselin
     if gpu_budget:  # the accelerator holds the LoRA factors and magnitudes of one position, not encoder state
         gpu_adapter_peak = max(sum(_adapter_bytes(t, encoder_state=False) for t in position if not t.is_copy)
                                for position in zip(*outputs, strict=True))
-        elements = min(elements, (gpu_budget - gpu_adapter_peak) // sum(size for _, size in gpu_in_flight))
+        elements = min(elements, (gpu_budget - gpu_libraries - gpu_adapter_peak)
+                       // sum(size for _, size in gpu_in_flight))
     return MemoryPlan(budget, baseline, RESERVE_BYTES, adapter_peak, max(min_elements, elements), min_elements,
-                      tuple(in_flight), io_buffers, gpu_budget, gpu_adapter_peak, tuple(gpu_in_flight))
+                      tuple(in_flight), io_buffers, gpu_budget, gpu_adapter_peak, tuple(gpu_in_flight), gpu_libraries)
 
 
 # Weights transformers keeps dense when it quantizes a model (embeddings, the output head).
@@ -407,23 +410,23 @@ def _trained_on(tensor: OutputTensor, base: HFModel, encoding: Bnb4Encoding,
 def make_plan(base: HFModel, adapters: list[tuple[Adapter, float]], out_dir: Path, *, budget: int, baseline: int,
               disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
               quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None, io_buffers: int = 0,
-              gpu_budget: int = 0) -> Plan:
+              gpu_budget: int = 0, gpu_libraries: int = 0) -> Plan:
     """Plan merging `adapters` (each with its weight) into `base`; pure, from headers only.
 
     `quantize` writes linear weights quantized; `trained_on` reads dense linear weights through that 4-bit
     quantization first (the weights a QLoRA adapter was trained against); `io_buffers` is what remote storage
     holds in memory (see `storage.io_buffer_bytes`); `gpu_budget` is the accelerator memory the merge may take
-    when it computes there (0: on the CPU).
+    when it computes there (0: on the CPU), `gpu_libraries` what torch's libraries keep there for good.
     """
     return make_plans(base, [adapters], [out_dir], budget=budget, baseline=baseline, disk_free=disk_free,
                       max_shard_size=max_shard_size, dtype=dtype, quantize=quantize, trained_on=trained_on,
-                      io_buffers=io_buffers, gpu_budget=gpu_budget)[0]
+                      io_buffers=io_buffers, gpu_budget=gpu_budget, gpu_libraries=gpu_libraries)[0]
 
 
 def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_dirs: Sequence[Path], *, budget: int,
                baseline: int, disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
                quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None,
-               io_buffers: int = 0, gpu_budget: int = 0) -> list[Plan]:
+               io_buffers: int = 0, gpu_budget: int = 0, gpu_libraries: int = 0) -> list[Plan]:
     """Plan each of `jobs` (adapters with weights) merged into `base` on its own, all produced in one pass over
     the base (`merge --each`): a base tensor is one source for every plan, so the engine reads each row block
     once, and the plans share one memory plan that holds every output's buffers and adapter tensors."""
@@ -445,7 +448,8 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
             raise InputError(f"{frozen[0][0].source}: adds tensors the base does not have, so its output is laid "
                              "out unlike the others'; merge it on its own")
         planned.append((frozen, targets, tensors, shards))
-    memory = _memory_plan([tensors for _, _, tensors, _ in planned], budget, baseline, io_buffers, gpu_budget)
+    memory = _memory_plan([tensors for _, _, tensors, _ in planned], budget, baseline, io_buffers, gpu_budget,
+                          gpu_libraries)
     return [Plan(base, frozen, out_dir, tuple(tensors), shards, memory,
                  sum(s.nbytes for s in shards) + HEADER_ALLOWANCE * len(shards), disk_free, max_shard_size, dtype,
                  targets, quantize)
@@ -472,7 +476,8 @@ def describe_shortfall(plan: Plan, *others: Plan) -> str | None:
                 "or more")
     if memory.gpu_budget < memory.gpu_minimum:
         return (f"--max-gpu-memory {format_size(memory.gpu_budget)} is below the {format_size(memory.gpu_minimum)} "
-                f"this job needs on the GPU (adapter tensors {format_size(memory.gpu_adapter_peak)}, smallest row "
+                f"this job needs on the GPU (cuBLAS workspace {format_size(memory.gpu_libraries)}, adapter tensors "
+                f"{format_size(memory.gpu_adapter_peak)}, smallest row "
                 f"block {format_size(memory.min_block_elements * memory.gpu_bytes_per_element)}: "
                 f"{memory.min_block_elements:,} elements x ({describe(memory.gpu_in_flight)})); use "
                 f"--max-gpu-memory {math.ceil(memory.gpu_minimum / 2**20)}MiB or more")
