@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 LITGPT_VENV ?= .venv-litgpt
 LITGPT_SPEC ?= litgpt==0.5.13
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint docs package-check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,12 +27,24 @@ $(LITGPT_VENV)/bin/litgpt:
 demo: install
 	$(VENV)/bin/lorastream demo
 
+# pytest exits 5 when no test ran: that fails `make test` like any other failure.
 test: install $(LITGPT_VENV)/bin/litgpt
 	$(PY) -m pytest
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(MAKE) lint docs package-check
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks tools
+
+# The reference site, warnings as errors (mkdocs.yml sets strict).
+docs: install
+	$(VENV)/bin/mkdocs build -q
+
+# The built wheel in a fresh environment with its core dependencies at their declared floors.
+package-check:
+	TORCH_SPEC="$(TORCH_SPEC)" tools/package_check.sh
 
 bench: install
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(LITGPT_VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LITGPT_VENV) build site *.egg-info .pytest_cache .ruff_cache

@@ -58,6 +58,10 @@ def _storage_errors(method: _Method) -> _Method:
     return wrapper  # type: ignore[return-value]
 
 
+# The protocols whose filesystem package the `remote` extra installs (s3fs).
+REMOTE_EXTRA_PROTOCOLS = ("s3", "s3a")
+
+
 def redact(url: str) -> str:
     """`url` (or a message holding URLs) without the parts that may carry credentials: user:password@,
     ?query, #fragment."""
@@ -78,7 +82,8 @@ def _filesystem(url: str) -> tuple[Any, str]:
         return url_to_fs(url)
     except ImportError as exc:  # fsspec knows the protocol; its package is missing (the message names it)
         hint = str(exc).strip().splitlines()[0] if str(exc).strip() else "its filesystem package is not installed"
-        raise InputError(f"{redact(url)}: cannot open {protocol}:// URLs: {hint}") from None
+        extra = "; pip install 'lorastream[remote]'" if protocol in REMOTE_EXTRA_PROTOCOLS else ""
+        raise InputError(f"{redact(url)}: cannot open {protocol}:// URLs: {hint}{extra}") from None
     except ValueError as exc:
         raise InputError(f"{redact(url)}: {exc}") from None
 
