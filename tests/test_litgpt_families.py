@@ -1,0 +1,140 @@
+"""`lorastream merge RUN --format hf` for every family litgpt's `convert_lit_checkpoint` converts.
+
+For each family, a tiny model from litgpt's own config of that name (`Config.from_name` with small sizes), a LoRA
+run on every module litgpt can adapt, merged by `litgpt merge_lora` and converted by litgpt's converter (see
+litgpt_reference.py): lorastream's Hugging Face folder holds the same tensors bit for bit, in row blocks of the
+smallest size, and transformers loads it with `from_pretrained` into a model whose logits are LitGPT's (float32
+cases; tolerance as in test_litgpt.py). Where lorastream deliberately differs from litgpt's converter (a LoRA on
+lm_head of a tied family; OLMo-2, on which litgpt 0.5.13's converter fails) the test says how, and checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import load_output
+from test_litgpt import ALL, LITGPT_PYTHON, NONE, assert_identical, run_litgpt_script
+
+from lorastream import api
+from lorastream.cli import main
+
+TINY = dict(n_layer=2, n_embd=64, n_head=4, head_size=16, n_query_groups=2, intermediate_size=96, vocab_size=256,
+            padded_vocab_size=256, block_size=64)
+HEADLESS = {**ALL, "lora_head": False}
+
+
+def _case(name: str, *, lora: dict | None = None, dtype: str = "float32", tied: bool = False,
+          **overrides: object) -> dict:
+    """`tied`: a family Hugging Face ties lm_head to the embedding (LitGPT's copy of it is then equal to it)."""
+    return dict(name=name, config={**TINY, **overrides}, lora=dict(lora_r=4, lora_alpha=8, **(lora or ALL)),
+                base_dtype=dtype, lora_dtype=dtype, hf=True, logits=dtype == "float32", tied=tied)
+
+
+SLIDING = dict(sliding_window_size=4, sliding_window_indices=[1, 0])
+MOE = dict(n_expert=4, n_expert_per_token=2, moe_intermediate_size=32)
+FAMILIES = {
+    "llama3": _case("Llama-3.2-1B"),
+    "mistral": _case("Mistral-7B-v0.1", sliding_window_size=4, sliding_window_indices=[1, 1]),
+    "mixtral": _case("Mixtral-8x7B-v0.1", **MOE),
+    "mixtral_bf16": _case("Mixtral-8x7B-v0.1", dtype="bfloat16", **MOE),
+    "qwen2.5": _case("Qwen2.5-0.5B"),
+    "qwen3": _case("Qwen3-0.6B"),
+    "qwen3_moe": _case("Qwen3-30B-A3B", **MOE),
+    "gemma": _case("Gemma-7b", lora=HEADLESS, tied=True),
+    "gemma_2b": _case("Gemma-2b", lora=HEADLESS, tied=True, n_query_groups=1),
+    "gemma2": _case("Gemma-2-2b", lora=HEADLESS, tied=True, **SLIDING),
+    "gemma2_head": _case("Gemma-2-2b", tied=True, **SLIDING),
+    "gemma3": _case("Gemma-3-4b-it", lora=HEADLESS, tied=True, rope_indices=[1, 0], **SLIDING),
+    "phi2": _case("phi-2", n_query_groups=4),
+    "phi3": _case("Phi-3-mini-4k-instruct", n_query_groups=4, sliding_window_size=4, sliding_window_indices=[1, 1]),
+    "phi3_bf16": _case("Phi-3-mini-4k-instruct", dtype="bfloat16", n_query_groups=4),
+    "phi4_mini": _case("Phi-4-mini-instruct", lora=HEADLESS, tied=True),
+    "olmo2": _case("OLMo-2-1124-7B", n_query_groups=4),
+    "falcon7b": _case("falcon-7b", n_query_groups=1),
+    "falcon40b": _case("falcon-40b"),
+    "falcon3": _case("Falcon3-1B-Base", dtype="bfloat16"),
+}
+REFUSED = {"olmo1": {**_case("OLMo-1B-hf", lora=dict(NONE, lora_query=True)), "hf": False, "logits": False}}
+pytestmark = pytest.mark.usefixtures("smallest_blocks")
+
+
+@pytest.fixture(scope="module")
+def family_cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every family's case built, merged and converted by litgpt."""
+    return run_litgpt_script(tmp_path_factory.mktemp("families"), Path(__file__).with_name("litgpt_reference.py"),
+                             {**FAMILIES, **REFUSED})
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_equals_litgpt_converter_and_loads_in_transformers(family_cases: Path, tmp_path: Path,
+                                                                  family: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    case = family_cases / family
+    out = tmp_path / "hf"
+    done = CliRunner().invoke(main, ["merge", str(case / "run"), "-o", str(out), "--format", "hf", "-q"])
+    assert done.exit_code == 0, done.output
+    ours = load_output(out)
+    merged = torch.load(case / "reference" / "lit_model.pth", weights_only=True)  # litgpt merge_lora's
+    if family == "olmo2":
+        assert_identical(_olmo2_back_to_litgpt(case, out, tmp_path), merged)
+    else:
+        reference = _reference(case)
+        if family == "gemma_2b":  # the converter takes "Gemma-2b" for a Gemma 2 and names norm_2 as Gemma 2 does
+            reference = {name.replace("pre_feedforward_layernorm", "post_attention_layernorm"): tensor
+                         for name, tensor in reference.items()}
+        if FAMILIES[family]["lora"]["lora_head"] and "lm_head.weight" not in reference:
+            # the converter drops lm_head where Hugging Face ties it; lorastream keeps a merged LoRA on it, untied
+            reference["lm_head.weight"] = merged["lm_head.weight"]
+        assert_identical(ours, reference)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] == ("lm_head.weight" not in ours)
+    model, loading = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == config["architectures"][0]
+    assert not any(loading.values()), loading  # no tensor missing, unexpected or mismatched
+    assert model.dtype == next(iter(ours.values())).dtype
+    if FAMILIES[family]["logits"]:
+        expected = torch.load(case / "logits.pt", weights_only=True)
+        with torch.no_grad():
+            got = model(expected["tokens"]).logits
+        torch.testing.assert_close(got, expected["logits"], rtol=0, atol=1e-4)
+
+
+def _reference(case: Path) -> dict[str, torch.Tensor]:
+    error = case / "reference_hf" / "error.txt"
+    assert not error.exists(), error.read_text()
+    return torch.load(case / "reference_hf" / "model.pth", weights_only=True)
+
+
+def _olmo2_back_to_litgpt(case: Path, out: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """litgpt 0.5.13's converter fails on OLMo-2 (it has no name for `post_attention_norm`), so the export is
+    checked the other way: litgpt's own Hugging Face -> LitGPT conversion of it gives back merge_lora's tensors."""
+    error = (case / "reference_hf" / "error.txt").read_text()
+    assert "post_attention_norm" in error, error  # once litgpt's converter works, compare with its output instead
+    script = ("import sys, torch; from pathlib import Path; from litgpt import Config; "
+              "from litgpt.utils import load_safetensors; "
+              "from litgpt.scripts.convert_hf_checkpoint import copy_weights_olmo2\n"
+              "state, config = {}, Config.from_file(Path(sys.argv[1]))\n"
+              "copy_weights_olmo2(config, {}, state, load_safetensors(Path(sys.argv[2])))\n"
+              "torch.save(state, sys.argv[3])")
+    back = tmp_path / "back.pth"
+    done = subprocess.run([str(LITGPT_PYTHON), "-c", script, str(case / "base" / "model_config.yaml"),
+                           str(out / "model.safetensors"), str(back)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(back, weights_only=True)
+
+
+def test_unsupported_family_is_refused_in_one_line(family_cases: Path, tmp_path: Path) -> None:
+    """OLMo 1 (non-parametric LayerNorm): litgpt's converter writes Llama names, which OlmoForCausalLM does not
+    read; lorastream refuses before writing anything, naming the model and the setting."""
+    out = tmp_path / "hf"
+    done = CliRunner().invoke(main, ["merge", str(family_cases / "olmo1" / "run"), "-o", str(out), "--format", "hf"])
+    assert done.exit_code == 2, done.output
+    assert len(done.output.strip().splitlines()) == 1 and "OLMo-1B-hf" in done.output, done.output
+    assert "Traceback" not in done.output and not out.exists()
+    assert api.inspect(family_cases / "olmo1" / "run")["hf_architecture"] is None
