@@ -92,6 +92,7 @@ def test_export_equals_litgpt_converter_and_loads_in_transformers(family_cases: 
             # the converter drops lm_head where Hugging Face ties it; lorastream keeps a merged LoRA on it, untied
             reference["lm_head.weight"] = merged["lm_head.weight"]
         assert_identical(ours, reference)
+    assert api.verify_litgpt(case / "run", out).ok
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] == ("lm_head.weight" not in ours)
     model, loading = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -117,8 +118,7 @@ def _olmo2_back_to_litgpt(case: Path, out: Path, tmp_path: Path) -> dict[str, to
     error = (case / "reference_hf" / "error.txt").read_text()
     assert "post_attention_norm" in error, error  # once litgpt's converter works, compare with its output instead
     script = ("import sys, torch; from pathlib import Path; from litgpt import Config; "
-              "from litgpt.utils import load_safetensors; "
-              "from litgpt.scripts.convert_hf_checkpoint import copy_weights_olmo2\n"
+              "from litgpt.scripts.convert_hf_checkpoint import copy_weights_olmo2, load_safetensors\n"
               "state, config = {}, Config.from_file(Path(sys.argv[1]))\n"
               "copy_weights_olmo2(config, {}, state, load_safetensors(Path(sys.argv[2])))\n"
               "torch.save(state, sys.argv[3])")
@@ -138,3 +138,19 @@ def test_unsupported_family_is_refused_in_one_line(family_cases: Path, tmp_path:
     assert len(done.output.strip().splitlines()) == 1 and "OLMo-1B-hf" in done.output, done.output
     assert "Traceback" not in done.output and not out.exists()
     assert api.inspect(family_cases / "olmo1" / "run")["hf_architecture"] is None
+
+
+def test_a_stacked_tensor_lora_is_not_converted_to_peft(family_cases: Path) -> None:
+    """Phi-3's fc_1 LoRA covers half of Hugging Face's gate_up_proj: as a PEFT LoRA it would have the wrong shape,
+    so converting the adapter is refused (merging it, above, is not)."""
+    from lorastream.errors import InputError
+    from lorastream.extract import AdapterTensor, litgpt_as_peft
+    from lorastream.formats.litgpt import read_yaml
+
+    run = family_cases / "phi3" / "run"
+    lora = torch.load(run / "lit_model.pth.lora", weights_only=True)["model"]
+    tensors = [AdapterTensor(name, t.dtype, tuple(t.shape), lambda t=t: t) for name, t in lora.items()
+               if ".mlp.fc_1." in name]
+    with pytest.raises(InputError, match="stacked gate_up_proj"):
+        litgpt_as_peft(tensors, read_yaml(run / "hyperparameters.yaml"), read_yaml(run / "model_config.yaml"),
+                       str(run))
