@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,11 +55,18 @@ FAMILIES = {
     "phi3": _case("Phi-3-mini-4k-instruct", n_query_groups=4, sliding_window_size=4, sliding_window_indices=[1, 1]),
     "phi3_bf16": _case("Phi-3-mini-4k-instruct", dtype="bfloat16", n_query_groups=4),
     "phi4_mini": _case("Phi-4-mini-instruct", lora=HEADLESS, tied=True),
+    "phi4_reasoning": _case("Phi-4-reasoning", lora=HEADLESS),
     "olmo2": _case("OLMo-2-1124-7B", n_query_groups=4),
     "falcon7b": _case("falcon-7b", n_query_groups=1),
     "falcon40b": _case("falcon-40b"),
     "falcon3": _case("Falcon3-1B-Base", dtype="bfloat16"),
 }
+# litgpt's converter drops lm_head for these; lorastream keeps it (and unties it): a LoRA on it was merged, or
+# (Phi-4-reasoning, a 14B Phi-4) the Hugging Face model does not tie it
+KEEPS_HEAD = {"gemma2_head", "phi4_reasoning"}
+# gate_up_proj (2 x 24576 rows x 1024, bf16: 96 MiB) larger than the working memory the budget below leaves
+WIDE = {"phi3_wide": _case("Phi-3-mini-4k-instruct", dtype="bfloat16", lora=dict(NONE, lora_mlp=True), n_layer=1,
+                           n_embd=1024, n_head=8, n_query_groups=8, head_size=128, intermediate_size=24576)}
 REFUSED = {"olmo1": {**_case("OLMo-1B-hf", lora=dict(NONE, lora_query=True)), "hf": False, "logits": False}}
 pytestmark = pytest.mark.usefixtures("smallest_blocks")
 
@@ -67,7 +75,7 @@ pytestmark = pytest.mark.usefixtures("smallest_blocks")
 def family_cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every family's case built, merged and converted by litgpt."""
     return run_litgpt_script(tmp_path_factory.mktemp("families"), Path(__file__).with_name("litgpt_reference.py"),
-                             {**FAMILIES, **REFUSED})
+                             {**FAMILIES, **WIDE, **REFUSED})
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -88,8 +96,8 @@ def test_export_equals_litgpt_converter_and_loads_in_transformers(family_cases: 
         if family == "gemma_2b":  # the converter takes "Gemma-2b" for a Gemma 2 and names norm_2 as Gemma 2 does
             reference = {name.replace("pre_feedforward_layernorm", "post_attention_layernorm"): tensor
                          for name, tensor in reference.items()}
-        if FAMILIES[family]["lora"]["lora_head"] and "lm_head.weight" not in reference:
-            # the converter drops lm_head where Hugging Face ties it; lorastream keeps a merged LoRA on it, untied
+        if family in KEEPS_HEAD:
+            assert "lm_head.weight" not in reference
             reference["lm_head.weight"] = merged["lm_head.weight"]
         assert_identical(ours, reference)
     assert api.verify_litgpt(case / "run", out).ok
@@ -154,3 +162,22 @@ def test_a_stacked_tensor_lora_is_not_converted_to_peft(family_cases: Path) -> N
     with pytest.raises(InputError, match="stacked gate_up_proj"):
         litgpt_as_peft(tensors, read_yaml(run / "hyperparameters.yaml"), read_yaml(run / "model_config.yaml"),
                        str(run))
+
+
+def test_a_stacked_tensor_streams_within_the_memory_budget(family_cases: Path, tmp_path: Path) -> None:
+    """Phi-3's gate_up_proj, stacked from fc_1 and fc_2 and larger than the working memory the budget leaves above
+    the interpreter, is merged in row blocks: peak RSS stays within the budget, the bits are the converter's."""
+    probe = subprocess.run([sys.executable, "-c", "import lorastream.cli, psutil; "
+                            "print(psutil.Process().memory_info().rss)"], capture_output=True, text=True, check=True)
+    working = 72 << 20
+    budget = int(probe.stdout) + working
+    case = family_cases / "phi3_wide"
+    out = tmp_path / "hf"
+    done = subprocess.run([sys.executable, "-m", "lorastream", "merge", str(case / "run"), "-o", str(out), "--format",
+                           "hf", "--max-memory", str(budget), "--json", "-q"], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["peak_rss"] <= budget
+    ours = load_output(out)
+    assert ours["model.layers.0.mlp.gate_up_proj.weight"].numel() * 2 > working
+    assert_identical(ours, _reference(case))
