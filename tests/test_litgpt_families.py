@@ -44,13 +44,13 @@ FAMILIES = {
     "mixtral": _case("Mixtral-8x7B-v0.1", **MOE),
     "mixtral_bf16": _case("Mixtral-8x7B-v0.1", dtype="bfloat16", **MOE),
     "qwen2.5": _case("Qwen2.5-0.5B"),
-    "qwen3": _case("Qwen3-0.6B"),
-    "qwen3_moe": _case("Qwen3-30B-A3B", **MOE),
-    "gemma": _case("Gemma-7b", lora=HEADLESS, tied=True),
+    "qwen3": _case("Qwen3-0.6B", head_size=32),
+    "qwen3_moe": _case("Qwen3-30B-A3B", head_size=32, **MOE),
+    "gemma": _case("Gemma-7b", lora=HEADLESS, tied=True, head_size=32),
     "gemma_2b": _case("Gemma-2b", lora=HEADLESS, tied=True, n_query_groups=1),
-    "gemma2": _case("Gemma-2-2b", lora=HEADLESS, tied=True, **SLIDING),
+    "gemma2": _case("Gemma-2-2b", lora=HEADLESS, tied=True, head_size=32, **SLIDING),
     "gemma2_head": _case("Gemma-2-2b", tied=True, **SLIDING),
-    "gemma3": _case("Gemma-3-4b-it", lora=HEADLESS, tied=True, rope_indices=[1, 0], **SLIDING),
+    "gemma3": _case("Gemma-3-4b-it", lora=HEADLESS, tied=True, head_size=32, rope_indices=[1, 0], **SLIDING),
     "phi2": _case("phi-2", n_query_groups=4),
     "phi3": _case("Phi-3-mini-4k-instruct", n_query_groups=4, sliding_window_size=4, sliding_window_indices=[1, 1]),
     "phi3_bf16": _case("Phi-3-mini-4k-instruct", dtype="bfloat16", n_query_groups=4),
@@ -59,7 +59,7 @@ FAMILIES = {
     "olmo2": _case("OLMo-2-1124-7B", n_query_groups=4),
     "falcon7b": _case("falcon-7b", n_query_groups=1),
     "falcon40b": _case("falcon-40b"),
-    "falcon3": _case("Falcon3-1B-Base", dtype="bfloat16"),
+    "falcon3": _case("Falcon3-1B-Base", dtype="bfloat16", head_size=32),
 }
 # litgpt's converter drops lm_head for these; lorastream keeps it (and unties it): a LoRA on it was merged, or
 # (Phi-4-reasoning, a 14B Phi-4) the Hugging Face model does not tie it

@@ -2,8 +2,9 @@
 
 Both are planned as ordinary merges into a *view* of the base checkpoint, so the planner, the engine and the
 output code need nothing LitGPT-specific: the view renames tensors, splits (or re-interleaves) the fused
-qkv into row ranges of the stored tensor, and rounds the weights LoRA changes to the merged dtype first, as
-`litgpt merge_lora` does when it casts the whole model to the LoRA weights' dtype before merging.
+qkv into row ranges of the stored tensor, stacks tensors a family keeps as one (Phi-3's gate_up_proj), and
+rounds the weights LoRA changes to the merged dtype first, as `litgpt merge_lora` does when it casts the whole
+model to the LoRA weights' dtype before merging. The Hugging Face families are in `litgpt_families`.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def _placements(base: HFModel, family: Family, attention: Attention,
     pieces: dict[str, list[TensorRef]] = {}
     for hf_name, entries in parts.items():
         at = 0
-        for _, name, ranges in sorted(entries):
+        for _, name, ranges in sorted(entries, key=lambda entry: entry[0]):
             ref = base.tensors[name]
             taken = [ref] if ranges is None else [slice_rows(ref, start, stop) for start, stop in ranges]
             placements.setdefault(name, []).append(Placement(hf_name, ranges, at, len(entries) == 1 and

@@ -82,8 +82,7 @@ def _llama_config(c: Config, attention: Attention) -> Config:
                    "low_freq_factor": adjustments["low_freq_factor"],
                    "high_freq_factor": adjustments["high_freq_factor"],
                    "original_max_position_embeddings": adjustments["original_max_seq_len"]}
-        return {**config, **_rope(c, **{k: v for k, v in scaling.items() if k != "rope_type"}),
-                "rope_scaling": scaling,
+        return {**config, **_rope(c), "rope_scaling": scaling,
                 "rope_parameters": {**scaling, "rope_theta": c.get("rope_base", 10000)}}
     return {**config, **_rope(c)}
 
@@ -245,7 +244,8 @@ FAMILIES = {
                        qkv="attention.query_key_value", interleaved=True),
 }
 
-# LitGPT settings under which a model is not what the family's transformers class computes.
+# LitGPT settings under which a model is not what the family's transformers class computes (`...`: any value,
+# the family's config.json carries it).
 _PLAIN = {"rope_interleave": False, "rope_condense_ratio": 1, "latent_attention": None, "n_expert_groups": None,
           "n_shared_expert": None, "routed_scaling_factor": 1.0, "first_k_dense_replace": None}
 _LLAMA = {**_PLAIN, "norm_class_name": "RMSNorm", "mlp_class_name": "LLaMAMLP", "parallel_residual": False,
@@ -322,8 +322,9 @@ def _converter_branch(config: Config) -> str:
 
 
 def _check_sizes(family: Family, config: Config, attention: Attention, where: str) -> None:
-    """Architectures that derive head_dim from hidden_size, or have no grouped-query attention, refuse others."""
-    derived = family.model_type in ("phi", "phi3", "olmo2", "falcon", "gpt_neox")
+    """Architectures that derive head_dim from hidden_size (some in transformers 4 only), or have no grouped-query
+    attention, refuse other shapes."""
+    derived = family.model_type in ("qwen2", "phi", "phi3", "olmo2", "falcon", "gpt_neox")
     if derived and attention.n_head * attention.head_size != config["n_embd"]:
         raise InputError(f"{where}: {family.architecture} derives head_dim from hidden_size, but n_head "
                          f"{attention.n_head} x head_size {attention.head_size} != n_embd {config['n_embd']}")
