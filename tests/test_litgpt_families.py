@@ -23,6 +23,7 @@ from test_litgpt import ALL, LITGPT_PYTHON, NONE, assert_identical, run_litgpt_s
 
 from lorastream import api
 from lorastream.cli import main
+from lorastream.errors import InputError
 
 TINY = dict(n_layer=2, n_embd=64, n_head=4, head_size=16, n_query_groups=2, intermediate_size=96, vocab_size=256,
             padded_vocab_size=256, block_size=64)
@@ -40,6 +41,10 @@ SLIDING = dict(sliding_window_size=4, sliding_window_indices=[1, 0])
 MOE = dict(n_expert=4, n_expert_per_token=2, moe_intermediate_size=32)
 FAMILIES = {
     "llama3": _case("Llama-3.2-1B"),
+    "llama2_32k": _case("LLaMA-2-7B-32K"),
+    "mathstral": _case("Mathstral-7B-v0.1", sliding_window_size=4, sliding_window_indices=[1, 1]),
+    "olmo": _case("OLMo-1B-hf"),
+    "stablelm": _case("stablelm-3b-4e1t"),
     "mistral": _case("Mistral-7B-v0.1", sliding_window_size=4, sliding_window_indices=[1, 1]),
     "mixtral": _case("Mixtral-8x7B-v0.1", **MOE),
     "mixtral_bf16": _case("Mixtral-8x7B-v0.1", dtype="bfloat16", **MOE),
@@ -67,7 +72,9 @@ KEEPS_HEAD = {"gemma2_head", "phi4_reasoning"}
 # gate_up_proj (2 x 24576 rows x 1024, bf16: 96 MiB) larger than the working memory the budget below leaves
 WIDE = {"phi3_wide": _case("Phi-3-mini-4k-instruct", dtype="bfloat16", lora=dict(NONE, lora_mlp=True), n_layer=1,
                            n_embd=1024, n_head=8, n_query_groups=8, head_size=128, intermediate_size=24576)}
-REFUSED = {"olmo1": {**_case("OLMo-1B-hf", lora=dict(NONE, lora_query=True)), "hf": False, "logits": False}}
+# a Mixtral with a shared expert (as DeepSeek-MoE has), which LitGPT builds and no exported family computes
+REFUSED = {"shared_expert": {**_case("Mixtral-8x7B-v0.1", lora=dict(NONE, lora_query=True), n_shared_expert=1, **MOE),
+                             "hf": False, "logits": False}}
 pytestmark = pytest.mark.usefixtures("smallest_blocks")
 
 
@@ -137,21 +144,46 @@ def _olmo2_back_to_litgpt(case: Path, out: Path, tmp_path: Path) -> dict[str, to
     return torch.load(back, weights_only=True)
 
 
-def test_unsupported_family_is_refused_in_one_line(family_cases: Path, tmp_path: Path) -> None:
-    """OLMo 1 (non-parametric LayerNorm): litgpt's converter writes Llama names, which OlmoForCausalLM does not
-    read; lorastream refuses before writing anything, naming the model and the setting."""
+def test_unsupported_model_is_refused_in_one_line(family_cases: Path, tmp_path: Path) -> None:
+    """A Mixtral with a shared expert: no exported class computes it, so lorastream refuses before writing anything,
+    naming the model and the setting; `inspect` says it has no Hugging Face architecture."""
     out = tmp_path / "hf"
-    done = CliRunner().invoke(main, ["merge", str(family_cases / "olmo1" / "run"), "-o", str(out), "--format", "hf"])
+    run = family_cases / "shared_expert" / "run"
+    done = CliRunner().invoke(main, ["merge", str(run), "-o", str(out), "--format", "hf"])
     assert done.exit_code == 2, done.output
-    assert len(done.output.strip().splitlines()) == 1 and "OLMo-1B-hf" in done.output, done.output
+    assert len(done.output.strip().splitlines()) == 1, done.output
+    assert "'Mixtral-8x7B-v0.1'" in done.output and "n_shared_expert is 1" in done.output, done.output
     assert "Traceback" not in done.output and not out.exists()
-    assert api.inspect(family_cases / "olmo1" / "run")["hf_architecture"] is None
+    assert api.inspect(run)["hf_architecture"] is None
+
+
+def test_every_model_litgpt_names_has_a_family(tmp_path: Path) -> None:
+    """Each of litgpt's named configs (as `model_config.yaml` holds them) is exported by a family, and every
+    family is some named model's."""
+    from lorastream.litgpt_families import FAMILIES, family_of
+
+    script = ("import dataclasses, json, sys; from litgpt.config import configs, Config\n"
+              "json.dump({c['name']: dataclasses.asdict(Config.from_name(c['name'])) for c in configs}, "
+              "open(sys.argv[1], 'w'), default=str)")
+    dumped = tmp_path / "configs.json"
+    done = subprocess.run([str(LITGPT_PYTHON), "-c", script, str(dumped)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    configs = json.loads(dumped.read_text())
+    refused: dict[str, str] = {}
+    found: set[int] = set()
+    for name, config in configs.items():
+        try:
+            found.add(id(family_of(config, name)))
+        except InputError as exc:
+            refused[name] = str(exc)
+    assert len(configs) > 200 and not refused, refused
+    assert found == {id(family) for family in FAMILIES.values()}
 
 
 def test_a_stacked_tensor_lora_is_not_converted_to_peft(family_cases: Path) -> None:
     """Phi-3's fc_1 LoRA covers half of Hugging Face's gate_up_proj: as a PEFT LoRA it would have the wrong shape,
     so converting the adapter is refused (merging it, above, is not)."""
-    from lorastream.errors import InputError
     from lorastream.extract import AdapterTensor, litgpt_as_peft
     from lorastream.formats.litgpt import read_yaml
 

@@ -87,6 +87,24 @@ def _llama_config(c: Config, attention: Attention) -> Config:
     return {**config, **_rope(c)}
 
 
+def _linear_rope(c: Config, attention: Attention) -> Config:
+    """Llama with LitGPT's `rope_condense_ratio` (positions divided by it): transformers' linear RoPE scaling."""
+    scaling = {"rope_type": "linear", "factor": float(c["rope_condense_ratio"])}
+    return {**_llama_config(c, attention), "rope_scaling": scaling,
+            "rope_parameters": {**scaling, "rope_theta": c.get("rope_base", 10000)}}
+
+
+def _olmo_config(c: Config, attention: Attention) -> Config:
+    return {**_sizes(c, attention), "hidden_act": "silu", "attention_bias": False, "clip_qkv": None, **_rope(c)}
+
+
+def _stablelm_config(c: Config, attention: Attention) -> Config:
+    rotary = c.get("rotary_percentage", 0.25)
+    return {**_sizes(c, attention), "hidden_act": "silu", "layer_norm_eps": c.get("norm_eps", 1e-5),
+            "use_qkv_bias": False, "qk_layernorm": False, "use_parallel_residual": False,
+            "partial_rotary_factor": rotary, **_rope(c, partial_rotary_factor=rotary)}
+
+
 def _mistral_config(c: Config, attention: Attention) -> Config:
     return {**_llama_config(c, attention), "sliding_window": c.get("sliding_window_size")}
 
@@ -208,6 +226,9 @@ def _falcon(norms: dict[str, str]) -> Family:
 
 FAMILIES = {
     "llama": _llama_like("llama", "LlamaForCausalLM", _llama_config),
+    "llama_condensed": _llama_like("llama", "LlamaForCausalLM", _linear_rope),
+    "olmo": _llama_like("olmo", "OlmoForCausalLM", _olmo_config),  # LayerNorm without weights: no norm tensors
+    "stablelm": _llama_like("stablelm", "StableLmForCausalLM", _stablelm_config),
     "mistral": _llama_like("mistral", "MistralForCausalLM", _mistral_config),
     "mixtral": _llama_like("mixtral", "MixtralForCausalLM", _mixtral_config,
                            {**_LLAMA_LAYER, "mlp.gate": "block_sparse_moe.gate"},
@@ -268,6 +289,12 @@ _FALCON = {**_NEOX, "parallel_residual": True, "bias": False, "attn_bias": False
            "gelu_approximate": "none"}
 REQUIRES: dict[str, Config] = {
     "llama": {**_LLAMA, "sliding_window_size": None},
+    "llama_condensed": {**_LLAMA, "sliding_window_size": None, "rope_condense_ratio": ..., "rope_adjustments": None},
+    # OLMo's LayerNorm has no weights (LitGPT's has none for a model named OLMo) and a fixed eps
+    "olmo": {**_LLAMA, "norm_class_name": "LayerNorm", "norm_eps": 1e-5, "sliding_window_size": None, "bias": False,
+             "attn_bias": False},
+    "stablelm": {**_LLAMA, "norm_class_name": "LayerNorm", "rotary_percentage": ..., "sliding_window_size": None,
+                 "bias": False, "attn_bias": False},
     "mistral": _LLAMA,
     "mixtral": {**_LLAMA, "mlp_class_name": "LLaMAMoE", "n_expert": ..., "bias": False},
     "qwen2": {**_LLAMA, "bias": False, "attn_bias": True, "sliding_window_size": None},
@@ -312,19 +339,23 @@ def _converter_branch(config: Config) -> str:
         return "olmo2"
     if lower.startswith("qwen3"):
         return "qwen3_moe" if mlp == "LLaMAMoE" else "qwen3"
-    if mlp in ("LLaMAMLP", "GemmaMLP", "LLaMAMoE"):
+    if mlp in ("LLaMAMLP", "GemmaMLP", "LLaMAMoE"):  # the converter's Llama names, which these classes read too
         if "Gemma" in name:
             return "gemma"
         if mlp == "LLaMAMoE":
             return "mixtral"
-        return "mistral" if lower.startswith("mistral") else "llama"
+        if config.get("norm_class_name") == "LayerNorm":
+            return "olmo" if "OLMo" in name else "stablelm"
+        if lower.startswith("mistral") or config.get("sliding_window_size") is not None:  # Mathstral too
+            return "mistral"
+        return "llama" if config.get("rope_condense_ratio", 1) == 1 else "llama_condensed"
     return "gpt_neox"
 
 
 def _check_sizes(family: Family, config: Config, attention: Attention, where: str) -> None:
     """Architectures that derive head_dim from hidden_size (some in transformers 4 only), or have no grouped-query
     attention, refuse other shapes."""
-    derived = family.model_type in ("qwen2", "phi", "phi3", "olmo2", "falcon", "gpt_neox")
+    derived = family.model_type in ("qwen2", "phi", "phi3", "olmo", "olmo2", "stablelm", "falcon", "gpt_neox")
     if derived and attention.n_head * attention.head_size != config["n_embd"]:
         raise InputError(f"{where}: {family.architecture} derives head_dim from hidden_size, but n_head "
                          f"{attention.n_head} x head_size {attention.head_size} != n_embd {config['n_embd']}")
