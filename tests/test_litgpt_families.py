@@ -5,7 +5,8 @@ run on every module litgpt can adapt, merged by `litgpt merge_lora` and converte
 litgpt_reference.py): lorastream's Hugging Face folder holds the same tensors bit for bit, in row blocks of the
 smallest size, and transformers loads it with `from_pretrained` into a model whose logits are LitGPT's (float32
 cases; tolerance as in test_litgpt.py). Where lorastream deliberately differs from litgpt's converter (a LoRA on
-lm_head of a tied family; OLMo-2, on which litgpt 0.5.13's converter fails) the test says how, and checks it.
+lm_head of a tied family, Phi-4-reasoning's untied lm_head, Gemma-2b's norm names, OLMo-2, on which litgpt
+0.5.13's converter fails) the test says how, and checks it. Every model litgpt names maps to a family.
 """
 
 from __future__ import annotations
