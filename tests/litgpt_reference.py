@@ -2,11 +2,13 @@
 
 Runs under .venv-litgpt's interpreter (litgpt pins an older huggingface-hub than lorastream's environment), once
 for all cases: `python litgpt_reference.py CASES.json`. Each case is a folder under the JSON's `root`:
-  base/        lit_model.pth (the non-LoRA weights, under their base names) + model_config.yaml + tokenizer
+  base/        lit_model.pth (the non-LoRA weights, under their base names) + model_config.yaml + tokenizer;
+               with `tied`, lm_head equals the embedding, as in a checkpoint converted from a tied model
   run/         lit_model.pth.lora ({"model": LoRA tensors only}) + hyperparameters.yaml + copied configs,
                as `litgpt finetune lora` leaves a run; lorastream merges this one
   reference/   a copy of run/ in which `litgpt merge_lora` wrote lit_model.pth
   reference_hf/model.pth  the merged model under Hugging Face names, by litgpt's `convert_lit_checkpoint`
+               (reference_hf/error.txt instead, when litgpt's converter fails on the model)
   logits.pt    LitGPT's merged model on fixed tokens (float32 cases)
   legacy_*     the same model in the legacy interleaved qkv layout (attn.attn, litgpt <= 0.5.4), made with
                litgpt's own conversion, and the reference merged tensors in that layout
@@ -59,15 +61,22 @@ def legacy(state: dict[str, torch.Tensor], config: BaseConfig) -> dict[str, torc
 
 
 def build(root: Path, case: dict) -> None:
-    base_config = BaseConfig(**case["config"])
+    """A case's `config` is a whole LitGPT config, or, with `name`, the overrides of that named one."""
+    if "name" in case:
+        base_config = BaseConfig.from_name(case["name"], **case["config"])
+        lora_config = Config.from_name(case["name"], **case["config"], **case["lora"])
+    else:
+        base_config, lora_config = BaseConfig(**case["config"]), Config(**case["config"], **case["lora"])
     base_dtype, lora_dtype = DTYPES[case["base_dtype"]], DTYPES[case["lora_dtype"]]
     torch.manual_seed(case["seed"])
-    model = GPT(Config(**case["config"], **case["lora"]))
+    model = GPT(lora_config)
     generator = torch.Generator().manual_seed(case["seed"] + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:  # trained, non-zero B
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        if case.get("tied"):  # as litgpt converts a model whose Hugging Face form ties lm_head to the embedding
+            model.lm_head.linear.weight.copy_(model.transformer.wte.weight)
     state = model.state_dict()
     base = {k.replace("linear.", ""): v.to(base_dtype) for k, v in state.items() if "lora_" not in k}
     lora = {k: v.to(lora_dtype) for k, v in state.items() if "lora_" in k}
@@ -78,7 +87,11 @@ def build(root: Path, case: dict) -> None:
     merge_lora(root / "reference")
     merged = torch.load(root / "reference" / "lit_model.pth", weights_only=True)
     if case.get("hf"):
-        convert_lit_checkpoint(root / "reference", root / "reference_hf")
+        try:
+            convert_lit_checkpoint(root / "reference", root / "reference_hf")
+        except Exception as exc:  # a converter bug is recorded for the test to judge
+            (root / "reference_hf").mkdir(exist_ok=True)
+            (root / "reference_hf" / "error.txt").write_text(f"{type(exc).__name__}: {exc}")
     if case.get("logits"):
         reference = BaseGPT(base_config)
         reference.load_state_dict(merged)

@@ -286,7 +286,7 @@ def test_plan_and_inspect_describe_litgpt_folders(litgpt_cases: Path, tmp_path: 
     assert info["bytes"] == sum(t.numel() * t.element_size() for t in lora.values())
     base = api.inspect(case / "base")
     assert base["format"] == "litgpt" and base["tensors"] == len(merged) and base["n_query_groups"] == 2
-    assert api.inspect(litgpt_cases / "moe_bf16" / "base")["hf_architecture"] is None  # lit_model.pth only
+    assert api.inspect(litgpt_cases / "moe_bf16" / "base")["hf_architecture"] == "MixtralForCausalLM"
     shown = runner.invoke(main, ["inspect", str(run)])
     assert shown.exit_code == 0 and "lora_r" in shown.output and "['query', 'projection']" in shown.output
 

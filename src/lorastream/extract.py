@@ -333,6 +333,9 @@ def litgpt_as_peft(tensors: list[AdapterTensor], hparams: dict[str, Any], model_
         targets = hf_targets(f"{module}.weight", family, attention)
         if not module.endswith(QKV_MODULES):
             hf = PREFIX + targets[0][0].removesuffix(".weight")
+            if any(hf.endswith(f".{stacked}") for stacked in family.stacked):
+                raise InputError(f"{source}: LoRA on {module} covers only some rows of Hugging Face's stacked "
+                                 f"{hf.rpartition('.')[2]}; converting it is not supported")
             converted += [dataclasses.replace(a, name=f"{hf}.lora_A.weight"),
                           dataclasses.replace(b, name=f"{hf}.lora_B.weight")]
             continue
