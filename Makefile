@@ -47,4 +47,4 @@ bench: install
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(LITGPT_VENV) build site *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LITGPT_VENV) build *.egg-info .pytest_cache .ruff_cache
