@@ -147,7 +147,7 @@ def test_a_changed_staged_shard_is_redone(s3: Any, case: dict[str, Any]) -> None
     staging.record("a.safetensors", 10, 0)
     s3.pipe_file(f"{BUCKET}/proof/.out.lorastream-partial/a.safetensors", b"y" * 10)
     resumed = RemoteStaging(staging.path, "job")
-    resumed._resume(overwrite=False)
+    resumed.resume(overwrite=False)
     assert resumed.shards == {}
     s3.invalidate_cache()
     assert s3.ls(f"{BUCKET}/proof/.out.lorastream-partial", detail=False) == [

@@ -23,6 +23,7 @@ from .codecs import Encoding
 from .codecs.bnb4 import Bnb4Encoding
 from .codecs.int8 import Int8Encoding
 from .device import Accelerator, accelerator
+from .dtypes import FLOAT_DTYPES, config_dtype
 from .engine import Progress, ShardSink, write_outputs, write_shards
 from .errors import InputError, ResourceError
 from .extract import AdapterResult as AdapterResult  # the `extract` and `save_lora` verbs live in extract.py
@@ -45,7 +46,6 @@ from .storage import NO_DISK_LIMIT, Location, io_buffer_bytes, is_remote, is_url
 from .verification import Comparator, TensorCheck, VerifyReport
 
 EXECUTORS = ("local", "ray")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PathLike = str | Path
 
 
@@ -87,7 +87,7 @@ def _encoding(quantize: str | None, double_quant: bool | None, dtype: torch.dtyp
         return Int8Encoding()
     if quantize not in ("nf4", "fp4"):
         raise InputError(f"{option} {quantize!r}: expected nf4 or fp4" + (" or int8" if option == "--quantize" else ""))
-    compute = dtype or DTYPES.get(model.config.get("dtype") or model.config.get("torch_dtype") or "", torch.bfloat16)
+    compute = dtype or config_dtype(model.config, torch.bfloat16)
     return Bnb4Encoding(quantize, quantize == "nf4" if double_quant is None else double_quant, compute)
 
 
@@ -141,10 +141,10 @@ def _plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] 
                max_memory: str | int | None, dtype: str | None, max_shard_size: str | int, quantize: str | None,
                double_quant: bool | None, trained_on: str | None, accelerator: Accelerator | None) -> list[Plan]:
     """Plans of one pass over `base`: each job (adapters, weights) merged into its output folder."""
-    if dtype is not None and dtype not in DTYPES:
-        raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(FLOAT_DTYPES)}")
     model = open_hf_model(location(base))
-    chosen = DTYPES.get(dtype or "")
+    chosen = FLOAT_DTYPES.get(dtype or "")
     shard_bytes = parse_size(max_shard_size)
     remote_inputs = [model.path, *(location(a) for paths, _ in jobs for a in paths)]
     io_buffers = sum(io_buffer_bytes(remote_inputs if k == 0 else [], out_dir, shard_bytes, 4 * MAX_BLOCK_ELEMENTS)
@@ -440,9 +440,9 @@ def _litgpt_destination(run: Path, base: Path, out_dir: Path, format: str, overw
 def _plan_litgpt(run: LoraRun, base_model: HFModel, out_dir: Path, *, format: str, max_memory: str | int | None,
                  dtype: str | None, max_shard_size: str | int, quantize: str | None, double_quant: bool | None,
                  trained_on: str | None) -> Plan:
-    if dtype is not None and dtype not in DTYPES:
-        raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    chosen = DTYPES.get(dtype or "")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(FLOAT_DTYPES)}")
+    chosen = FLOAT_DTYPES.get(dtype or "")
     merged = chosen or lora_dtype(run)
     # LitGPT's `--quantize bnb.nf4` quantizes without double quantization, `bnb.nf4-dq` with it
     trained_dq = double_quant if double_quant is not None else str(run.hyperparameters.get("quantize")).endswith("-dq")

@@ -18,12 +18,11 @@ from typing import Any
 import yaml
 
 from . import api, ray_executor
-from .errors import InputError, LorastreamError
+from .dtypes import FLOAT_DTYPES
+from .errors import ExitStatus, InputError, LorastreamError
 from .litgpt import FORMATS as LITGPT_FORMATS
 from .memory import default_budget, parse_size
 
-# Exit status of `lorastream batch` when a job failed (or was skipped after one failed).
-FAILED_JOBS = 6
 _NOT_FIELDS = {"progress", "executor", "ray_address"}
 _PATH_FIELDS = {"base", "adapters", "out", "lora_run"}
 
@@ -80,7 +79,7 @@ def _scalar(value: object) -> object:
 
 _CHECKS: dict[str, Callable[[object], Any]] = {
     "base": _text, "adapters": _texts, "out": _text, "lora_run": _text, "weights": _numbers, "max_memory": _size,
-    "max_shard_size": _size, "dtype": _choice(*api.DTYPES), "quantize": _choice("nf4", "fp4", "int8"),
+    "max_shard_size": _size, "dtype": _choice(*FLOAT_DTYPES), "quantize": _choice("nf4", "fp4", "int8"),
     "trained_on": _choice("nf4", "fp4"), "format": _choice(*LITGPT_FORMATS), "double_quant": _flag,
     "overwrite": _flag, "allow_nonfinite": _flag,
 }
@@ -196,9 +195,9 @@ def load_jobs(path: Path) -> list[Job]:
 def _failed(job: Job, exc: BaseException, seconds: float = 0.0) -> Outcome:
     if isinstance(exc, OSError):
         message = f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc)
-        return Outcome(job, "failed", seconds, error=message, exit_code=5)
+        return Outcome(job, "failed", seconds, error=message, exit_code=ExitStatus.SYSTEM)
     return Outcome(job, "failed", seconds, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                   exit_code=getattr(exc, "exit_code", 1))
+                   exit_code=getattr(exc, "exit_code", ExitStatus.FAILURE))
 
 
 def _succeeded(job: Job, result: api.MergeResult) -> Outcome:

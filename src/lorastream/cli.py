@@ -16,15 +16,15 @@ from tqdm import tqdm
 from . import api
 from . import batch as batch_jobs
 from .device import DEVICES
-from .errors import LorastreamError
+from .dtypes import FLOAT_DTYPES
+from .errors import ExitStatus, LorastreamError
 from .formats.litgpt import is_lora_run
 from .formats.tensor_ref import TensorRef
 from .memory import format_size
 from .planner import Plan, describe, describe_shortfall
 from .storage import is_remote
 
-DTYPE_CHOICE = click.Choice(sorted(api.DTYPES))
-IO_ERROR = 5
+DTYPE_CHOICE = click.Choice(sorted(FLOAT_DTYPES))
 
 
 def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -41,11 +41,11 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"lorastream: error: {where}{exc.strerror or exc}; the output folder is untouched",
                        err=True)
-            sys.exit(IO_ERROR)
+            sys.exit(ExitStatus.SYSTEM)
         except KeyboardInterrupt:
             click.echo("lorastream: interrupted; the output folder is untouched, and rerunning the same command "
                        "resumes from the shards already finished", err=True)
-            sys.exit(130)
+            sys.exit(ExitStatus.INTERRUPTED)
 
     return wrapper
 
@@ -207,7 +207,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
             report = api.verify(base, inputs, result.out_dir, weights=_parse_weights(weights), max_memory=max_memory)
             if not report.ok:
                 click.echo(_render_verify(report), err=True)
-                sys.exit(4)
+                sys.exit(ExitStatus.MISMATCH)
             click.echo(f"verified: {len(report.checks)} tensors match in {result.out_dir}", err=True)
 
 
@@ -326,7 +326,7 @@ def _show_verify(report: api.VerifyReport, as_json: bool, quiet: bool) -> None:
         click.echo("\n".join(line for line in text.splitlines() if not quiet or "ok" not in line.split()[-1:]))
     click.echo(f"Memory used: peak RSS {format_size(report.peak_rss)} of a {format_size(report.budget)} budget",
                err=True)
-    sys.exit(0 if report.ok else 4)
+    sys.exit(ExitStatus.OK if report.ok else ExitStatus.MISMATCH)
 
 
 @main.command("verify-litgpt")
@@ -383,7 +383,7 @@ def _show_plan(job: Plan, as_json: bool, *others: Plan) -> None:
     shortfall = describe_shortfall(job, *others)
     if shortfall:
         click.echo(f"lorastream: cannot run: {shortfall}", err=True)
-        sys.exit(3)
+        sys.exit(ExitStatus.RESOURCES)
 
 
 @main.command("plan-litgpt")
@@ -484,7 +484,7 @@ def batch(jobs_file: str, continue_on_error: bool, as_json: bool, executor: str,
                                "succeeded": sum(o.status == "ok" for o in outcomes), "total": len(outcomes)}, indent=2))
     else:
         click.echo(_render_batch(outcomes))
-    sys.exit(0 if all(o.status == "ok" for o in outcomes) else batch_jobs.FAILED_JOBS)
+    sys.exit(ExitStatus.OK if all(o.status == "ok" for o in outcomes) else ExitStatus.JOBS_FAILED)
 
 
 @main.command()

@@ -21,6 +21,7 @@ from .adapters.litgpt import lora_dtype, read_litgpt_adapter
 from .adapters.lora import Adapter, LoraModule
 from .codecs import Encoding, Source
 from .codecs.bnb4 import Bnb4Encoding, RoundTripSource
+from .dtypes import dtype_name
 from .errors import InputError
 from .formats.hf import HFModel, read_json
 from .formats.litgpt import CONFIG_FILE, MODEL_FILE, Attention, LoraRun, join_ranges
@@ -29,7 +30,6 @@ from .formats.tensor_ref import TensorRef
 from .planner import HEADER_ALLOWANCE, Plan, Shard, make_plan
 
 FORMATS = ("litgpt", "hf")
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)\.(weight|bias)$")
 _QKV = ("attn.qkv", "attn.attn")  # current and legacy (litgpt <= 0.5.4) names of the fused attention input
 
@@ -245,7 +245,7 @@ def hf_config(c: dict[str, Any], family: Family, attention: Attention, *, tied: 
     config: dict[str, Any] = {"architectures": [family.architecture], "model_type": family.model_type,
                               "vocab_size": c.get("padded_vocab_size") or c["vocab_size"],
                               **family.config(c, attention), "tie_word_embeddings": tied,
-                              "torch_dtype": _DTYPE_NAMES[dtype], "dtype": _DTYPE_NAMES[dtype]}
+                              "torch_dtype": dtype_name(dtype), "dtype": dtype_name(dtype)}
     config.update({k: original[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in original})
     return config
 

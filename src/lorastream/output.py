@@ -7,17 +7,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import torch
-
 from .codecs import Encoding
 from .codecs.bnb4 import Bnb4Encoding
+from .dtypes import dtype_name
 from .errors import InputError
 from .formats.hf import SAFETENSORS_INDEX
 from .planner import Plan, skip_modules
 from .storage import Location, copy_file
 
 PROVENANCE_FILE = "lorastream.json"
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 def check_destination(out_dir: Location, overwrite: bool) -> None:
@@ -41,7 +39,7 @@ def write_companions(plan: Plan, folder: Location, record: dict[str, Any]) -> No
     if plan.dtype is not None:
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
-                config[key] = _DTYPE_NAMES[plan.dtype]
+                config[key] = dtype_name(plan.dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for path in plan.base.companion_files:
         if path.name != PROVENANCE_FILE:
@@ -61,5 +59,5 @@ def quantization_config(encoding: Encoding, skips: list[str]) -> dict[str, Any]:
     }
     if isinstance(encoding, Bnb4Encoding):
         config.update(bnb_4bit_quant_type=encoding.quant_type, bnb_4bit_use_double_quant=encoding.double_quant,
-                      bnb_4bit_compute_dtype=_DTYPE_NAMES[encoding.compute_dtype])
+                      bnb_4bit_compute_dtype=dtype_name(encoding.compute_dtype))
     return config

@@ -83,7 +83,7 @@ class Staging:
         os.replace(temp, self.manifest_path)
         _fsync_dir(self.path)
 
-    def _resume(self, overwrite: bool) -> None:
+    def resume(self, overwrite: bool) -> None:
         """Keep the shards a previous run of this job finished and can still prove; drop everything else."""
         try:
             manifest = json.loads(self.manifest_path.read_text())
@@ -140,7 +140,7 @@ def staging_for(out_dir: Location, job: str, overwrite: bool) -> Iterator[Stagin
         else:
             staging = Staging(out_dir.parent / f".{out_dir.name}.lorastream-partial", job)
             staging.path.mkdir(exist_ok=True)
-        staging._resume(overwrite)
+        staging.resume(overwrite)
         try:
             yield staging
         except KeyboardInterrupt:

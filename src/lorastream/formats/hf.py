@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..codecs import Source, group_sources
+from ..dtypes import config_dtype
 from ..errors import InputError
 from .safetensors import read_header
 from .tensor_ref import TensorRef
@@ -21,8 +22,6 @@ SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".index.json")
-
-_CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,7 @@ def open_hf_model(folder: Path) -> HFModel:
             tensors[name] = ref
     companions = tuple(sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                               and p.name != "config.json" and not p.name.endswith(WEIGHT_SUFFIXES)))
-    dense = _CONFIG_DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float16", torch.float16)
+    dense = config_dtype(config, torch.float16)
     sources = group_sources(tensors, dense)
     check_config_matches(folder / "config.json", config, sources)
     return HFModel(folder, config, tensors, sources, fmt, tuple(files), companions)
