@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, ray_executor
+from . import ray_executor
 from .adapters.litgpt import lora_dtype
 from .adapters.lora import Adapter
 from .adapters.peft import read_peft_adapter
@@ -44,6 +44,7 @@ from .planner import MAX_BLOCK_ELEMENTS, Plan, Shard, describe_shortfall, make_p
 from .staging import Staging, job_id, promote, staging_for
 from .storage import NO_DISK_LIMIT, Location, io_buffer_bytes, is_remote, is_url, location
 from .verification import Comparator, TensorCheck, VerifyReport
+from .version import __version__
 
 EXECUTORS = ("local", "ray")
 PathLike = str | Path

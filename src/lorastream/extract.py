@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import yaml
 
-from . import __version__
 from .adapters.litgpt import QKV_MODULES, read_litgpt_adapter
 from .adapters.peft import PREFIX, check_config, read_peft_adapter
 from .dtypes import LITGPT_PRECISIONS
@@ -50,6 +49,7 @@ from .litgpt import family_of, hf_targets
 from .memory import current_rss, format_size
 from .output import check_destination
 from .staging import job_id, promote, staging_for
+from .version import __version__
 
 logger = logging.getLogger("lorastream")
 
