@@ -22,6 +22,7 @@ from .adapters.peft import read_peft_adapter
 from .codecs import Encoding
 from .codecs.bnb4 import Bnb4Encoding
 from .codecs.int8 import Int8Encoding
+from .codecs.plain import TensorRef
 from .device import Accelerator, accelerator
 from .dtypes import FLOAT_DTYPES, config_dtype
 from .engine import Progress, ShardSink, write_outputs, write_shards
@@ -32,7 +33,6 @@ from .extract import save_lora as save_lora
 from .formats.hf import HFModel, open_hf_model, read_json
 from .formats.litgpt import CONFIG_FILE, MODEL_FILE, LoraRun, is_lora_run, open_litgpt_model, read_lora_run
 from .formats.safetensors import ShardWriter, read_header
-from .formats.tensor_ref import TensorRef
 from .formats.torchzip import read_state_dict
 from .formats.torchzip_writer import TorchZipWriter
 from .litgpt import FORMATS as LITGPT_FORMATS

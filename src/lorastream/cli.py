@@ -15,11 +15,11 @@ from tqdm import tqdm
 
 from . import api
 from . import batch as batch_jobs
+from .codecs.plain import TensorRef
 from .device import DEVICES
 from .dtypes import FLOAT_DTYPES
 from .errors import ExitStatus, LorastreamError
 from .formats.litgpt import is_lora_run
-from .formats.tensor_ref import TensorRef
 from .memory import format_size
 from .planner import Plan, describe, describe_shortfall
 from .storage import is_remote

@@ -23,9 +23,9 @@ from typing import Protocol
 import torch
 
 from .codecs import Source
+from .codecs.plain import TensorRef
 from .device import CPU, Accelerator
 from .errors import InputError, ResourceError
-from .formats.tensor_ref import TensorRef
 from .memory import format_size, keep_heap_bounded
 from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan, Shard, layout
 from .storage import RemotePath

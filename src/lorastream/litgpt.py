@@ -21,12 +21,12 @@ from .adapters.litgpt import lora_dtype, read_litgpt_adapter
 from .adapters.lora import Adapter, LoraModule
 from .codecs import Encoding, Source
 from .codecs.bnb4 import Bnb4Encoding, RoundTripSource
+from .codecs.plain import TensorRef
 from .dtypes import dtype_name
 from .errors import InputError
 from .formats.hf import HFModel, read_json
 from .formats.litgpt import CONFIG_FILE, MODEL_FILE, Attention, LoraRun, join_ranges
 from .formats.stored_rows import StoredRows, slice_rows
-from .formats.tensor_ref import TensorRef
 from .planner import HEADER_ALLOWANCE, Plan, Shard, make_plan
 
 FORMATS = ("litgpt", "hf")

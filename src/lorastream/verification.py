@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from .codecs.plain import TensorRef
 from .formats.safetensors import TensorSpec
-from .formats.tensor_ref import TensorRef
 
 # In tolerant mode, the allowed gap per element is one rounding step of the output dtype at the element's
 # magnitude plus one at its row's largest magnitude: other tools' rounding order (PEFT rounds an embedding

@@ -18,9 +18,9 @@ from typing import Protocol
 import torch
 
 from ..device import CPU
-from ..formats.tensor_ref import TensorRef
 from .bnb4 import QUANT_STATE_PREFIX, SIDECARS, Bnb4Encoding, bnb4_source
 from .int8 import Int8Encoding, int8_source
+from .plain import TensorRef
 
 Encoding = Bnb4Encoding | Int8Encoding
 

@@ -20,8 +20,8 @@ import torch
 from ..device import CPU
 from ..dtypes import FLOAT_DTYPES
 from ..errors import InputError
-from ..formats.tensor_ref import TensorRef
 from .geometry import SameGeometry
+from .plain import TensorRef
 
 if TYPE_CHECKING:
     from . import Source

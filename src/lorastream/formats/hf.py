@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from ..codecs import Source, group_sources
+from ..codecs.plain import TensorRef
 from ..dtypes import config_dtype
 from ..errors import InputError
 from .safetensors import read_header
-from .tensor_ref import TensorRef
 from .torchzip import read_state_dict
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"

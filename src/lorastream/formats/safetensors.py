@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from ..codecs.plain import TensorRef
 from ..dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES
 from ..errors import InputError
 from ..storage import Location, RemoteFile, RemotePath
 from .atomic import AtomicFile
-from .tensor_ref import TensorRef
 
 # Headers larger than this are refused before allocation (the reference implementation uses 100 MB).
 MAX_HEADER_BYTES = 100_000_000

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from ..codecs.plain import TensorRef
 from ..dtypes import STORAGE_DTYPES
 from ..errors import InputError
-from .tensor_ref import TensorRef
 
 
 class _Sealed:
