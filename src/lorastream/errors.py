@@ -36,6 +36,12 @@ class ResourceError(LorastreamError):
     exit_code = ExitStatus.RESOURCES
 
 
+class MismatchError(LorastreamError):
+    """A merged output does not match its recomputation (`verify`, a batch job's `verify: true`)."""
+
+    exit_code = ExitStatus.MISMATCH
+
+
 class WorkerError(LorastreamError):
     """A worker process (a Ray task's) was lost more times than it is retried: the system failed, not the input
     (exit status 5, as for I/O errors)."""

@@ -47,7 +47,7 @@ from .formats.torchzip import read_state_dict
 from .formats.torchzip_writer import TorchZipWriter
 from .litgpt import family_of, hf_targets
 from .memory import current_rss, format_size
-from .output import check_destination
+from .outputs.base import check_destination
 from .staging import job_id, promote, staging_for
 from .version import __version__
 

@@ -123,6 +123,12 @@ class Staging:
         _fsync_dir(out_dir.parent)
         shutil.rmtree(old, ignore_errors=True)
 
+    def promote_file(self, name: str, target: Path) -> None:
+        """Put the staged file `name` in place of `target` (a single-file output beside its inputs)."""
+        os.replace(self.path / name, target)
+        _fsync_dir(target.parent)
+        shutil.rmtree(self.path)
+
 
 @contextmanager
 def staging_for(out_dir: Location, job: str, overwrite: bool) -> Iterator[Staging]:

@@ -272,6 +272,14 @@ def fingerprint(path: Location) -> tuple[int, int | str]:
     return stat.st_size, stat.st_mtime_ns
 
 
+def disk_free(out_dir: Location) -> int:
+    """Free space where `out_dir` is written; an object store has no such limit."""
+    if isinstance(out_dir, RemotePath):
+        return NO_DISK_LIMIT
+    probe = next((p for p in (out_dir, *out_dir.parents) if p.exists()), Path("/"))
+    return shutil.disk_usage(probe).free
+
+
 def copy_file(source: Location, target: Location) -> None:
     """Copy a small file (a tokenizer, a config) between any two locations."""
     if isinstance(source, Path) and isinstance(target, Path):
