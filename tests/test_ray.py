@@ -29,7 +29,7 @@ from test_remote import contents, local_files, remote_files
 import lorastream
 from lorastream import demo
 from lorastream.cli import main
-from lorastream.staging import MANIFEST
+from lorastream.io.staging import MANIFEST
 
 SHARD = "4MB"  # 10 shards, so 10 tasks
 BUCKET = "lorastream-ray-test"

@@ -24,6 +24,10 @@ def _package(root: Path, files: dict[str, str]) -> Path:
     return package
 
 
+def test_lorastream_has_no_cycles_and_one_definition_of_each_table() -> None:
+    assert _check(ROOT / "src" / "lorastream") == (0, [])
+
+
 def test_a_cycle_through_a_function_level_import_is_caught(tmp_path: Path) -> None:
     package = _package(tmp_path, {
         "a.py": "def f():\n    from . import b\n    return b\n",

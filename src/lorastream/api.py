@@ -21,10 +21,10 @@ from .formats.torchzip import read_state_dict
 from .inputs import hf as hf_input
 from .inputs import litgpt as litgpt_input
 from .inspection import inspect as inspect
+from .io.locations import location
 from .options import MergeOptions
 from .pipeline import MergeResult as MergeResult
 from .planner import Plan
-from .storage import location
 from .verification import VerifyReport, compare, recorded_options, safetensors_tensors
 
 PathLike = str | os.PathLike[str]

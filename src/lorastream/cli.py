@@ -18,10 +18,10 @@ from . import batch as batch_jobs
 from .codecs.plain import TensorRef
 from .errors import ExitStatus, LorastreamError
 from .formats.litgpt import is_lora_run
+from .io.locations import is_remote
 from .memory import format_size
 from .options import MergeOptions
 from .planner import Plan, describe, describe_shortfall
-from .storage import is_remote
 
 
 def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:

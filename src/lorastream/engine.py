@@ -26,9 +26,9 @@ from .codecs import Source
 from .codecs.plain import TensorRef
 from .device import CPU, Accelerator
 from .errors import InputError, ResourceError
+from .io.locations import RemotePath
 from .memory import format_size, keep_heap_bounded
 from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan, Shard, layout
-from .storage import RemotePath
 
 Progress = Callable[[int], None]
 # The reader and writer threads each keep about one core busy (pread, write, CRC-32).

@@ -45,10 +45,10 @@ from .formats.litgpt import (
 from .formats.safetensors import ShardWriter, TensorSpec, read_header
 from .formats.torchzip import read_state_dict
 from .formats.torchzip_writer import TorchZipWriter
+from .io.staging import job_id, promote, staging_for
 from .litgpt import family_of, hf_targets
 from .memory import current_rss, format_size
 from .outputs.base import check_destination
-from .staging import job_id, promote, staging_for
 from .version import __version__
 
 logger = logging.getLogger("lorastream")

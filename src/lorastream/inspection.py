@@ -15,8 +15,8 @@ from .formats.hf import open_hf_model, read_json
 from .formats.litgpt import CONFIG_FILE, MODEL_FILE, LoraRun, is_lora_run, open_litgpt_model, read_lora_run
 from .formats.safetensors import read_header
 from .formats.torchzip import read_state_dict
+from .io.locations import location
 from .litgpt import family_of
-from .storage import location
 
 
 def _summarize_tensors(tensors: dict[str, TensorRef]) -> dict[str, Any]:

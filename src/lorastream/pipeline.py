@@ -21,11 +21,11 @@ from . import executors
 from .device import Accelerator
 from .engine import Progress
 from .errors import ResourceError
+from .io.staging import promote, staging_for
 from .memory import peak_rss
 from .options import MergeOptions
 from .outputs.base import Output
 from .planner import describe_shortfall
-from .staging import promote, staging_for
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def run(outputs: list[Output], options: MergeOptions, progress: Progress | None 
                 staging.promote_file(output.destination.name, output.destination)  # type: ignore[arg-type]
             else:
                 output.writer.finish(output.plan, staging.path, {**output.record, "shards": staging.shards})
-                promote(staging, output.destination)
+                promote(staging, output.destination, output.writer.last)
     seconds = time.perf_counter() - started
     return [MergeResult(o.plan.out_dir, [o.destination.name] if o.single_file else
                         sorted(p.name for p in o.destination.iterdir()), o.plan.total_size, seconds, peak_rss(),

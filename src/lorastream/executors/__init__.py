@@ -10,9 +10,9 @@ from __future__ import annotations
 from ..device import Accelerator
 from ..engine import Progress
 from ..errors import InputError
+from ..io.staging import Staging
 from ..options import MergeOptions
 from ..outputs.base import Output
-from ..staging import Staging
 from . import local, ray_tasks
 
 

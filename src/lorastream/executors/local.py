@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ..device import Accelerator
 from ..engine import Progress, write_outputs
+from ..io.staging import Staging
 from ..options import MergeOptions
 from ..outputs.base import Output
-from ..staging import Staging
 
 
 def write(outputs: list[Output], stagings: list[Staging], options: MergeOptions, progress: Progress,

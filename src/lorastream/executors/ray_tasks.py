@@ -22,13 +22,13 @@ from typing import Any
 from ..engine import Progress, write_shards
 from ..errors import InputError, LorastreamError, ResourceError, WorkerError
 from ..inputs import hf as hf_input
+from ..io.locations import Location, location
+from ..io.staging import Staging
 from ..memory import format_size
 from ..options import MergeOptions
 from ..outputs import writer
 from ..outputs.base import Output
 from ..planner import describe_shortfall
-from ..staging import Staging
-from ..storage import Location, location
 
 # Attempts after the first when a task's worker dies; an error the task raises itself is not retried.
 MAX_RETRIES = 3

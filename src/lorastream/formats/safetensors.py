@@ -22,8 +22,8 @@ import torch
 from ..codecs.plain import TensorRef
 from ..dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES
 from ..errors import InputError
-from ..storage import Location, RemoteFile, RemotePath
-from .atomic import AtomicFile
+from ..io.atomic import AtomicFile
+from ..io.locations import Location, RemoteFile, RemotePath
 
 # Headers larger than this are refused before allocation (the reference implementation uses 100 MB).
 MAX_HEADER_BYTES = 100_000_000

@@ -23,7 +23,7 @@ import torch
 
 from ..dtypes import STORAGE_NAMES
 from ..errors import InputError
-from .atomic import AtomicFile
+from ..io.atomic import AtomicFile
 from .crc32 import Checksummer, crc32_combine
 from .safetensors import TensorSpec
 

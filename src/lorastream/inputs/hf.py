@@ -16,13 +16,13 @@ from ..device import Accelerator, accelerator
 from ..dtypes import FLOAT_DTYPES, config_dtype
 from ..errors import InputError
 from ..formats.hf import open_hf_model
+from ..io.locations import Location, disk_free, io_buffer_bytes, is_remote, location
+from ..io.staging import job_id
 from ..memory import current_rss, default_budget, parse_size
 from ..options import MergeOptions
 from ..outputs import writer
 from ..outputs.base import Output, check_destination, provenance
 from ..planner import MAX_BLOCK_ELEMENTS, Plan, make_plans
-from ..staging import job_id
-from ..storage import Location, disk_free, io_buffer_bytes, is_remote, location
 from ..version import __version__
 
 PathLike = str | os.PathLike[str]

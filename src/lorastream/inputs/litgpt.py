@@ -13,14 +13,14 @@ from ..dtypes import FLOAT_DTYPES
 from ..errors import InputError
 from ..formats.hf import HFModel
 from ..formats.litgpt import MODEL_FILE, LoraRun, open_litgpt_model, read_lora_run
+from ..io.locations import disk_free
+from ..io.staging import job_id
 from ..litgpt import hf_view, litgpt_view
 from ..memory import current_rss, default_budget, parse_size
 from ..options import MergeOptions
 from ..outputs import writer
 from ..outputs.base import Output, check_destination, provenance
 from ..planner import HEADER_ALLOWANCE, Plan, Shard, make_plan
-from ..staging import job_id
-from ..storage import disk_free
 from ..version import __version__
 
 PathLike = str | os.PathLike[str]

@@ -8,8 +8,8 @@ from typing import Any, Protocol
 
 from ..engine import ShardSink
 from ..errors import InputError
+from ..io.locations import Location, location
 from ..planner import Plan, Shard
-from ..storage import Location, location
 from ..version import __version__
 
 PROVENANCE_FILE = "lorastream.json"
@@ -21,10 +21,12 @@ class OutputWriter(Protocol):
     `name` is the `--format` value. `open_shard` gives the sink the engine streams a shard's tensors into (a
     file in the staging folder, written under a temporary name and renamed on commit); `finish` adds what
     makes the staged shards a model (index, config, tokenizer files, the provenance `record`) before the
-    staging folder is promoted.
+    staging folder is promoted. `last` names the files a loader takes as the sign of a complete output: where
+    promotion is not one rename (an object store), they are put in place last, in that order.
     """
 
     name: str
+    last: tuple[str, ...]
 
     def open_shard(self, folder: Location, shard: Shard, record: dict[str, Any]) -> ShardSink: ...
 

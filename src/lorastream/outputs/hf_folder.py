@@ -12,8 +12,8 @@ from ..dtypes import dtype_name
 from ..engine import ShardSink
 from ..formats.hf import SAFETENSORS_INDEX
 from ..formats.safetensors import ShardWriter
+from ..io.locations import Location, copy_file
 from ..planner import Plan, Shard, skip_modules
-from ..storage import Location, copy_file
 from .base import PROVENANCE_FILE, safetensors_metadata, write_provenance
 
 
@@ -58,6 +58,7 @@ class HFFolder:
     """`--format hf`: safetensors shards and the files of a Hugging Face model folder."""
 
     name = "hf"
+    last = (SAFETENSORS_INDEX, "config.json")
 
     def open_shard(self, folder: Location, shard: Shard, record: dict[str, Any]) -> ShardSink:
         return ShardWriter(folder / shard.filename, shard.specs, safetensors_metadata(record))

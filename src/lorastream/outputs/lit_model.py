@@ -7,9 +7,10 @@ import shutil
 from typing import Any
 
 from ..engine import ShardSink
+from ..formats.litgpt import MODEL_FILE
 from ..formats.torchzip_writer import TorchZipWriter
+from ..io.locations import Location
 from ..planner import Plan, Shard
-from ..storage import Location
 from .base import write_provenance
 
 
@@ -17,6 +18,7 @@ class LitModel:
     """`--format litgpt`: the plan's single shard is `lit_model.pth`; the companions are copied beside it."""
 
     name = "litgpt"
+    last = (MODEL_FILE,)
 
     def open_shard(self, folder: Location, shard: Shard, record: dict[str, Any]) -> ShardSink:
         return TorchZipWriter(folder / shard.filename, shard.specs)  # type: ignore[arg-type]

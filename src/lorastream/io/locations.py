@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from .errors import InputError, LorastreamError
+from ..errors import InputError, LorastreamError
 
 # One ranged request reads at most this much: the transient copy a remote read makes on top of the
 # engine's own buffer (fsspec returns a fresh `bytes`, the HTTP client may hold one more).
