@@ -32,7 +32,7 @@ PathLike = str | os.PathLike[str]
 RECORDED = ("weights", "dtype", "quantize", "double_quant", "trained_on")
 
 
-def plan(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike,
+def plan(base: PathLike | None, adapters: PathLike | Sequence[PathLike], out: PathLike,
          options: MergeOptions | None = None, **fields: Any) -> Plan:
     """Plan a merge from headers only: output layout, memory and disk needs. Nothing is written.
 
@@ -44,16 +44,20 @@ def plan(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike,
     return hf_input.plan(base, adapters, out, MergeOptions.of(options, fields))
 
 
-def plan_each(base: PathLike, adapters: Sequence[PathLike], out: PathLike, options: MergeOptions | None = None,
+def plan_each(base: PathLike | None, adapters: Sequence[PathLike], out: PathLike, options: MergeOptions | None = None,
               **fields: Any) -> list[Plan]:
     """Plan merging each adapter into `base` on its own, into `out/<adapter folder name>/`, all in one pass
     over the base (see `merge_each`); the plans share one memory budget and the disk. Nothing is written."""
     return hf_input.plan_each(base, adapters, out, MergeOptions.of(options, fields))
 
 
-def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike,
+def merge(base: PathLike | None, adapters: PathLike | Sequence[PathLike], out: PathLike,
           options: MergeOptions | None = None, *, progress: Progress | None = None, **fields: Any) -> MergeResult:
     """Merge LoRA adapters into a Hugging Face model, streaming within the memory budget.
+
+    `base` is a model folder, a URL, or a Hub repo id (`org/name`, at `revision`) found in the local Hugging
+    Face cache as `from_pretrained` finds it (else read from the Hub); None takes the first adapter's
+    `base_model_name_or_path`.
 
     Raises `InputError` (bad input) or `ResourceError` (not enough memory or disk) before writing
     anything; the output folder appears only when complete. `executor="ray"` writes each shard in a Ray
@@ -63,13 +67,14 @@ def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike
     chosen = MergeOptions.of(options, fields)
     out_dir = location(out).absolute()
     paths = hf_input.adapter_paths(adapters)
-    hf_input.check_output(base, paths, out_dir, chosen.overwrite)
+    model = hf_input.resolve_base(base, paths, chosen.revision)
+    hf_input.check_output(model, paths, out_dir, chosen.overwrite)
     gpu = hf_input.gpu(chosen)
-    jobs = hf_input.plan_pass(base, [(paths, chosen.weights)], [out_dir], chosen, gpu)
+    jobs = hf_input.plan_pass(model, [(paths, chosen.weights)], [out_dir], chosen, gpu)
     return pipeline.run(hf_input.outputs(jobs, chosen, gpu), chosen, progress, gpu)[0]
 
 
-def merge_each(base: PathLike, adapters: Sequence[PathLike], out: PathLike, options: MergeOptions | None = None,
+def merge_each(base: PathLike | None, adapters: Sequence[PathLike], out: PathLike, options: MergeOptions | None = None,
                *, progress: Progress | None = None, **fields: Any) -> list[MergeResult]:
     """Merge each adapter into `base` on its own, into `out/<adapter folder name>/`, in one pass over the base.
 
@@ -79,14 +84,15 @@ def merge_each(base: PathLike, adapters: Sequence[PathLike], out: PathLike, opti
     """
     chosen = MergeOptions.of(options, fields)
     out_dirs = hf_input.each_destinations(adapters, out)
+    model = hf_input.resolve_base(base, adapters, chosen.revision)
     for adapter, out_dir in zip(adapters, out_dirs, strict=True):
-        hf_input.check_output(base, [adapter], out_dir, chosen.overwrite)
+        hf_input.check_output(model, [adapter], out_dir, chosen.overwrite)
     gpu = hf_input.gpu(chosen)
-    jobs = hf_input.plan_pass(base, [([a], None) for a in adapters], out_dirs, chosen, gpu)
+    jobs = hf_input.plan_pass(model, [([a], None) for a in adapters], out_dirs, chosen, gpu)
     return pipeline.run(hf_input.outputs(jobs, chosen, gpu), chosen, progress, gpu)
 
 
-def verify(base: PathLike, adapters: PathLike | Sequence[PathLike], merged: PathLike,
+def verify(base: PathLike | None, adapters: PathLike | Sequence[PathLike], merged: PathLike,
            options: MergeOptions | None = None, *, exact: bool | None = None, progress: Progress | None = None,
            **fields: Any) -> VerifyReport:
     """Recompute the merge of `adapters` into `base` block by block and compare it with `merged`.

@@ -22,6 +22,7 @@ from .io.locations import is_remote
 from .memory import format_size
 from .options import MergeOptions
 from .planner import Plan, describe, describe_shortfall
+from .quiet import third_party_quiet
 
 
 def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -94,8 +95,13 @@ _LITGPT_OUT = click.option("-o", "--out", type=click.Path(), help="Output folder
 
 def _peft_inputs(function: Callable[..., Any]) -> Callable[..., Any]:
     function = click.option("-o", "--out", required=True, type=click.Path(), help="Output folder.")(function)
-    function = click.argument("adapters", nargs=-1, required=True, type=click.Path(file_okay=False))(function)
+    function = click.argument("adapters", nargs=-1, type=click.Path(file_okay=False))(function)
     return click.argument("base", type=click.Path(file_okay=False))(function)
+
+
+def _base_and_adapters(base: str, adapters: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """`BASE ADAPTER...`, or `ADAPTER` alone: its base is then the one its adapter_config.json records."""
+    return (base, list(adapters)) if adapters else (None, [base])
 
 
 def _value_options(command: click.Command | None) -> set[str]:
@@ -132,10 +138,12 @@ class _Commands(click.Group):
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lorastream")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Merge LoRA adapters into full models in bounded memory."""
     # SIGTERM unwinds like Ctrl-C, so the staged output is removed and nothing half-written remains.
     signal.signal(signal.SIGTERM, _interrupt)
+    ctx.with_resource(third_party_quiet())
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -152,26 +160,31 @@ def _interrupt(signum: int, _frame: object) -> None:
 @_reports_errors
 def merge(base: str, adapters: tuple[str, ...], out: str, each: bool, as_json: bool, quiet: bool,
           **fields: Any) -> None:
-    """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
+    """Merge ADAPTERS (PEFT LoRA folders) into BASE, writing OUT. BASE is a Hugging Face model folder, a URL, or
+    a Hub repo id (org/name) found in the local Hugging Face cache as from_pretrained finds it; without BASE
+    (`merge ADAPTER -o OUT`), the adapter's base_model_name_or_path."""
     chosen = MergeOptions(**fields)
+    model, inputs = _base_and_adapters(base, adapters)
     _refuse_weights_with_each(each, chosen)
     if each and chosen.executor != "local":
         raise click.UsageError("--each runs on the local executor only")
     with _progress_bar(quiet) as bar:
-        results = (api.merge_each(base, list(adapters), out, chosen, progress=bar.update) if each else
-                   [api.merge(base, list(adapters), out, chosen, progress=bar.update)])
+        results = (api.merge_each(model, inputs, out, chosen, progress=bar.update) if each else
+                   [api.merge(model, inputs, out, chosen, progress=bar.update)])
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results] if each else results[0].to_json(), indent=2))
     else:
         for result in results:
-            click.echo(f"wrote {result.out_dir} ({format_size(result.bytes_written)} in {len(result.files)} files) "
-                       f"in {result.seconds:.1f} s", err=True)
+            click.echo(f"{result.out_dir}: already up to date (written by this same merge: inputs and options)"
+                       if result.up_to_date else f"wrote {result.out_dir} ({format_size(result.bytes_written)} in "
+                       f"{len(result.files)} files) in {result.seconds:.1f} s", err=True)
     click.echo(f"Memory used: peak RSS {format_size(results[0].peak_rss)} of a {format_size(results[0].budget)} "
                "budget", err=True)
     if chosen.verify:
-        merged = [[a] for a in adapters] if each else [list(adapters)]
-        for inputs, result in zip(merged, results, strict=True):
-            report = api.verify(base, inputs, result.out_dir, weights=chosen.weights, max_memory=chosen.max_memory)
+        merged = [[a] for a in inputs] if each else [inputs]
+        for adapter_set, result in zip(merged, results, strict=True):
+            report = api.verify(model, adapter_set, result.out_dir, weights=chosen.weights,
+                                max_memory=chosen.max_memory, revision=chosen.revision)
             if not report.ok:
                 click.echo(_render_verify(report), err=True)
                 sys.exit(ExitStatus.MISMATCH)
@@ -200,7 +213,9 @@ def merge_litgpt(lora_dir: str, out: str | None, base: str | None, as_json: bool
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
         shown = result.out_dir / result.files[0] if out is None else result.out_dir
-        click.echo(f"wrote {shown} ({format_size(result.bytes_written)}) in {result.seconds:.1f} s", err=True)
+        click.echo(f"{shown}: already up to date (written by this same merge: inputs and options)"
+                   if result.up_to_date else f"wrote {shown} ({format_size(result.bytes_written)}) in "
+                   f"{result.seconds:.1f} s", err=True)
     click.echo(f"Memory used: peak RSS {format_size(result.peak_rss)} of a {format_size(result.budget)} budget",
                err=True)
 
@@ -324,8 +339,8 @@ def plan_command(base: str, adapters: tuple[str, ...], out: str, each: bool, as_
     """Show what merging ADAPTERS into BASE needs (memory, disk, shards, targets) without reading weights."""
     chosen = MergeOptions(**fields)
     _refuse_weights_with_each(each, chosen)
-    jobs = (api.plan_each(base, list(adapters), out, chosen) if each else
-            [api.plan(base, list(adapters), out, chosen)])
+    model, inputs = _base_and_adapters(base, adapters)
+    jobs = api.plan_each(model, inputs, out, chosen) if each else [api.plan(model, inputs, out, chosen)]
     _show_plan(jobs[0], as_json, *jobs[1:])
 
 

@@ -126,6 +126,9 @@ class MergeOptions:
     weights: tuple[float, ...] | None = _option(
         None, "Comma-separated weight per adapter (default 1 each; verify: as recorded).",
         PEFT_COMMANDS | {VERIFY}, _weights, parse=_parse_weights)
+    revision: str | None = _option(
+        None, "With a Hub repo id as BASE: the branch, tag or commit (default: main), as from_pretrained takes it.",
+        PEFT_COMMANDS | {VERIFY}, _text)
     max_memory: str | int | None = _option(
         None, "Peak RSS budget for the whole process, e.g. 512MiB, 2GiB, 4GB (default: half the available memory, "
         "at most 4 GiB).", ALL_PLANS | {VERIFY, VERIFY_LITGPT}, _size)

@@ -50,6 +50,14 @@ def read_json(path: Path) -> Any:
         raise InputError(f"{path}: not valid JSON ({exc})") from exc
 
 
+def _own_storage(folder: Path) -> list[Path]:
+    """Where a model folder's files may live: in it, and for a Hugging Face cache snapshot
+    (`models--org--name/snapshots/<commit>/`, whose files link to `../../blobs/`) in its repo's blobs."""
+    root = folder.resolve()
+    blobs = root.parent.parent / "blobs"
+    return [root, blobs] if root.parent.name == "snapshots" and blobs.is_dir() else [root]
+
+
 def _index_files(folder: Path, index_path: Path) -> list[Path]:
     """The weight files an index names, each confined to `folder`."""
     index = read_json(index_path)
@@ -57,12 +65,12 @@ def _index_files(folder: Path, index_path: Path) -> list[Path]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError(f"{index_path}: expected a non-empty 'weight_map' object")
     files: list[Path] = []
-    root = folder.resolve()
+    roots = _own_storage(folder)
     for name, filename in weight_map.items():
         if not isinstance(filename, str):
             raise InputError(f"{index_path}: tensor {name!r} maps to {filename!r}, expected a file name")
         path = (folder / filename).resolve()
-        if not path.is_relative_to(root):
+        if not any(path.is_relative_to(root) for root in roots):
             raise InputError(f"{index_path}: tensor {name!r} points outside the model folder ({filename!r})")
         if not path.is_file():
             raise InputError(f"{index_path}: tensor {name!r} is in {filename!r}, which does not exist")

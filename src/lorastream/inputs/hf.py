@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ from ..codecs import encoding_for
 from ..device import Accelerator, accelerator
 from ..dtypes import FLOAT_DTYPES, config_dtype
 from ..errors import InputError
-from ..formats.hf import open_hf_model
+from ..formats.hf import open_hf_model, read_json
 from ..io.locations import Location, disk_free, io_buffer_bytes, is_remote, location
 from ..io.staging import job_id
 from ..memory import current_rss, default_budget, parse_size
@@ -37,6 +39,39 @@ def gpu(options: MergeOptions) -> Accelerator | None:
     if isinstance(options.device, Accelerator):
         return options.device
     return accelerator(options.device, options.max_gpu_memory)
+
+
+# A Hub repo id as transformers and PEFT take one: `org/name` (letters, digits, `-`, `_`, `.`).
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def resolve_base(base: PathLike | None, adapters: Sequence[PathLike], revision: str | None = None) -> Location:
+    """Where the base model is: a folder or URL as given; a Hub repo id (`org/name`) through the local Hugging
+    Face cache, as `from_pretrained` finds it (HF_HOME, HF_HUB_CACHE, snapshots), else read from the Hub (hf://)
+    unless HF_HUB_OFFLINE is set; none at all: the first adapter's `base_model_name_or_path`."""
+    if base is None:
+        config = read_json(location(adapters[0]) / "adapter_config.json") if adapters else {}
+        recorded = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+        if not isinstance(recorded, str) or not recorded:
+            raise InputError(f"{adapters[0] if adapters else 'ADAPTER'}: its adapter_config.json records no "
+                             "base_model_name_or_path; name the base: lorastream merge BASE ADAPTER -o OUT")
+        base = recorded
+    given = location(base)
+    if is_remote(given) or given.exists() or not _REPO_ID.fullmatch(str(base)):
+        if revision is not None:
+            raise InputError(f"--revision {revision}: {base} is a folder, not a Hub repo id")
+        return given
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(base), revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise InputError(f"{base}{'@' + revision if revision else ''}: not a folder, and not in the Hugging Face "
+                             f"cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; download it first "
+                             "(hf download) or name a local folder") from None
+    return location(f"hf://{base}" + (f"@{revision}" if revision else ""))
 
 
 def each_destinations(adapters: Sequence[PathLike], out: PathLike) -> list[Location]:
@@ -80,15 +115,17 @@ def plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] |
                       io_buffers=io_buffers, gpu_budget=gpu.budget if gpu is not None else 0)
 
 
-def plan(base: PathLike, adapters: PathLike | Sequence[PathLike], out: PathLike, options: MergeOptions) -> Plan:
+def plan(base: PathLike | None, adapters: PathLike | Sequence[PathLike], out: PathLike, options: MergeOptions) -> Plan:
     """The plan of merging `adapters` (with `options.weights`) into `base`, written to `out`."""
-    return plan_pass(base, [(adapter_paths(adapters), options.weights)], [location(out).absolute()], options,
-                     gpu(options))[0]
+    paths = adapter_paths(adapters)
+    return plan_pass(resolve_base(base, paths, options.revision), [(paths, options.weights)],
+                     [location(out).absolute()], options, gpu(options))[0]
 
 
-def plan_each(base: PathLike, adapters: Sequence[PathLike], out: PathLike, options: MergeOptions) -> list[Plan]:
+def plan_each(base: PathLike | None, adapters: Sequence[PathLike], out: PathLike, options: MergeOptions) -> list[Plan]:
     """The plans of merging each adapter on its own into `out/<adapter folder name>/`, in one pass."""
-    return plan_pass(base, [([a], None) for a in adapters], each_destinations(adapters, out), options, gpu(options))
+    return plan_pass(resolve_base(base, adapters, options.revision), [([a], None) for a in adapters],
+                     each_destinations(adapters, out), options, gpu(options))
 
 
 def check_output(base: PathLike, adapters: Sequence[PathLike], out_dir: Location, overwrite: bool) -> None:

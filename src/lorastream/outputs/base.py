@@ -51,11 +51,37 @@ class Output:
 
 
 def check_destination(out_dir: Location, overwrite: bool) -> None:
-    """Refuse to replace an existing non-empty folder unless asked to."""
+    """Refuse to replace an existing non-empty folder unless asked to. A folder lorastream wrote is left to
+    `check_rerun`, once the job is planned: it may hold this very job's output."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite and not (out_dir / PROVENANCE_FILE).is_file():
         raise InputError(f"{out_dir}: folder exists and is not empty; pass --overwrite to replace it")
+
+
+def is_up_to_date(output: Output) -> bool:
+    """Whether the destination already holds this output: its provenance names the same job (inputs, their
+    sizes and times, the options that shape the output, lorastream's version) and every shard it lists is
+    there at its recorded size."""
+    folder = output.destination
+    try:
+        record = json.loads((folder / PROVENANCE_FILE).read_text())
+        return (isinstance(record, dict) and record.get("job") == output.key and all(
+            (folder / name).stat().st_size == info["size"] for name, info in record["shards"].items()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def check_rerun(output: Output, overwrite: bool) -> bool:
+    """True when the destination already holds this output (nothing to do); refuses one that holds another,
+    unless `overwrite`."""
+    folder = output.destination
+    if overwrite or output.single_file or not folder.is_dir() or not any(folder.iterdir()):
+        return False
+    if is_up_to_date(output):
+        return True
+    raise InputError(f"{folder}: folder exists and is not empty (written by another merge: other inputs or "
+                     "options); pass --overwrite to replace it")
 
 
 def provenance(plan: Plan, options: dict[str, Any]) -> dict[str, Any]:
