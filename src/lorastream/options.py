@@ -146,9 +146,9 @@ class MergeOptions:
         None, "4-bit: quantize the block statistics too (default: on for nf4, off for fp4; for a LitGPT run's "
         "--trained-on, as its quantize setting says, bnb.nf4-dq).", ALL_PLANS | {VERIFY_LITGPT}, _optional_flag)
     format: str | None = _option(
-        None, "Output format: hf (a safetensors folder; for a LitGPT run with LitGPT's key map and a config.json) "
-        "or litgpt (lit_model.pth; the default for a LitGPT run, written into the run folder without -o).",
-        LITGPT_COMMANDS, _choice(*OUTPUT_FORMATS), choices=OUTPUT_FORMATS)
+        None, "Output format: hf (a safetensors folder; the default for a Hugging Face base; for a LitGPT run with "
+        "LitGPT's key map and a config.json) or litgpt (lit_model.pth; the default for a LitGPT run, written into "
+        "the run folder without -o).", ALL_PLANS, _choice(*OUTPUT_FORMATS), choices=OUTPUT_FORMATS)
     device: str | Accelerator = _option(  # noqa: RUF009 (a field() with metadata, as the others)
         "cpu", "Merge on the CPU or a CUDA GPU (auto: the GPU if there is one; cuda without one merges on the "
         "CPU, with a notice).", PEFT_COMMANDS, _device, choices=DEVICES)

@@ -54,8 +54,9 @@ def _own_storage(folder: Path) -> list[Path]:
     """Where a model folder's files may live: in it, and for a Hugging Face cache snapshot
     (`models--org--name/snapshots/<commit>/`, whose files link to `../../blobs/`) in its repo's blobs."""
     root = folder.resolve()
-    blobs = root.parent.parent / "blobs"
-    return [root, blobs] if root.parent.name == "snapshots" and blobs.is_dir() else [root]
+    if isinstance(root, Path) and root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        return [root, root.parent.parent / "blobs"]
+    return [root]
 
 
 def _index_files(folder: Path, index_path: Path) -> list[Path]:

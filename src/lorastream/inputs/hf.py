@@ -152,6 +152,9 @@ def identity(job: Plan, options: MergeOptions, gpu: Accelerator | None) -> tuple
 
 
 def outputs(plans: list[Plan], options: MergeOptions, gpu: Accelerator | None) -> list[Output]:
-    """Each plan as a Hugging Face folder output."""
-    folder = writer("hf")
-    return [Output(job, folder, *identity(job, options, gpu), job.out_dir) for job in plans]
+    """Each plan as an output in `--format` (default: a Hugging Face folder)."""
+    if options.format == "litgpt":
+        raise InputError("--format litgpt writes lit_model.pth from a LitGPT run; a Hugging Face base is merged "
+                         "into --format hf")
+    chosen = writer(options.format or "hf")
+    return [Output(job, chosen, *identity(job, options, gpu), job.out_dir) for job in plans]
