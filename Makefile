@@ -34,6 +34,7 @@ test: install $(LITGPT_VENV)/bin/litgpt
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(PY) tools/check_structure.py
 
 # The reference site, warnings as errors (mkdocs.yml sets strict).
 docs: install

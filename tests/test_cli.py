@@ -165,7 +165,8 @@ def test_merge_json_summary(runs: dict[str, Run], demo: Demo) -> None:
     assert run.returncode == 0, str(run)
     assert_no_traceback(run)
     summary = json.loads(run.stdout)
-    assert set(summary) == {"out_dir", "files", "bytes_written", "seconds", "peak_rss", "budget"}
+    assert set(summary) == {"out_dir", "files", "bytes_written", "seconds", "peak_rss", "budget",
+                            "up_to_date"}
     out = demo.case("merge")
     assert summary["out_dir"] == str(out)
     assert summary["files"] == sorted(p.name for p in out.iterdir())

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorastream
-from lorastream.staging import MANIFEST
+from lorastream.io.staging import MANIFEST
 
 
 def command(base: Path, adapter: Path, out: Path, *extra: str) -> list[str]:

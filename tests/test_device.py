@@ -18,11 +18,12 @@ from test_quantized import quantize
 
 import lorastream
 import lorastream.device
-from lorastream.api import _identity
 from lorastream.cli import main
 from lorastream.device import NO_CUDA_NOTICE, Accelerator
 from lorastream.formats.safetensors import read_header
-from lorastream.output import PROVENANCE_FILE
+from lorastream.inputs.hf import identity
+from lorastream.options import MergeOptions
+from lorastream.outputs.base import PROVENANCE_FILE
 
 MiB = 2**20
 FAKE_FREE = 512 * MiB
@@ -157,8 +158,8 @@ def test_a_gpu_merge_is_recorded_and_verified_with_tolerance(case: Case, tmp_pat
         f.write((value ^ 1).to_bytes(2, "little"))
     assert not lorastream.verify(case.base, case.adapter, result.out_dir).ok  # a CPU merge: bit for bit
     record = json.loads((result.out_dir / PROVENANCE_FILE).read_text())
-    identity = _identity(lorastream.plan(case.base, case.adapter, tmp_path / "other"), None, None, None, None,
-                         Accelerator(torch.device("cuda"), MiB))
-    record["options"]["device"] = identity[0]["options"]["device"]
+    gpu_record, _ = identity(lorastream.plan(case.base, case.adapter, tmp_path / "other"), MergeOptions(),
+                             Accelerator(torch.device("cuda"), MiB))
+    record["options"]["device"] = gpu_record["options"]["device"]
     (result.out_dir / PROVENANCE_FILE).write_text(json.dumps(record))
     assert lorastream.verify(case.base, case.adapter, result.out_dir).ok

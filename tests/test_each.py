@@ -17,9 +17,9 @@ import torch
 from conftest import build_case, tiny_gpt2, tiny_llama
 
 from lorastream import api
+from lorastream.codecs.plain import TensorRef
 from lorastream.errors import InputError
-from lorastream.formats.tensor_ref import TensorRef
-from lorastream.staging import MANIFEST
+from lorastream.io.staging import MANIFEST
 
 # Different ranks and targets; all three change q_proj, so a per-output read would read it three times.
 ADAPTERS: dict[str, dict[str, Any]] = {

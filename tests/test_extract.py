@@ -20,9 +20,9 @@ from test_litgpt import LLAMA, assert_identical, run_litgpt_script
 
 import lorastream
 from lorastream.cli import main
+from lorastream.codecs.plain import TensorRef
 from lorastream.errors import InputError
 from lorastream.formats.litgpt import read_yaml
-from lorastream.formats.tensor_ref import TensorRef
 
 SCRIPT = Path(__file__).with_name("litgpt_adapter_reference.py")
 ALL = dict(lora_query=True, lora_key=True, lora_value=True, lora_projection=True, lora_mlp=True, lora_head=True)

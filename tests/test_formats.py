@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from lorastream.adapters.lora import Adapter, LoraModule
+from lorastream.codecs.plain import TensorRef
 from lorastream.engine import row_blocks
 from lorastream.errors import InputError
 from lorastream.formats.hf import HFModel, open_hf_model
 from lorastream.formats.safetensors import ShardWriter, TensorSpec, encode_header, read_header
-from lorastream.formats.tensor_ref import TensorRef
 from lorastream.formats.torchzip import read_state_dict
 from lorastream.memory import format_size, parse_size
 from lorastream.planner import MIN_BLOCK_ROWS, make_plan

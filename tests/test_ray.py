@@ -29,7 +29,7 @@ from test_remote import contents, local_files, remote_files
 import lorastream
 from lorastream import demo
 from lorastream.cli import main
-from lorastream.staging import MANIFEST
+from lorastream.io.staging import MANIFEST
 
 SHARD = "4MB"  # 10 shards, so 10 tasks
 BUCKET = "lorastream-ray-test"
@@ -109,7 +109,9 @@ def s3(s3_server: tuple[Any, dict[str, str]]) -> tuple[Any, dict[str, str]]:
 def cluster(s3: tuple[Any, dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     faults = tmp_path_factory.mktemp("ray-faults")
     (faults / "lorastream_ray_faults.py").write_text(HOOK)
-    runtime_env = {"env_vars": {"PYTHONPATH": str(faults), "LORASTREAM_TEST_FAULTS": str(faults), **s3[1]},
+    # the driver's PYTHONPATH too, so workers import the lorastream under test (a worktree's, say)
+    path = os.pathsep.join([str(faults), *filter(None, [os.environ.get("PYTHONPATH")])])
+    runtime_env = {"env_vars": {"PYTHONPATH": path, "LORASTREAM_TEST_FAULTS": str(faults), **s3[1]},
                    "worker_process_setup_hook": "lorastream_ray_faults.arm"}
     ray.init(num_cpus=2, include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING)
     try:

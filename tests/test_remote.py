@@ -18,10 +18,10 @@ from click.testing import CliRunner
 from conftest import build_case, tiny_llama
 
 import lorastream
-from lorastream import storage
 from lorastream.cli import main
-from lorastream.remote_staging import RemoteStaging
-from lorastream.staging import MANIFEST
+from lorastream.io import locations as storage
+from lorastream.io.remote_staging import ObjectStorePrefix
+from lorastream.io.staging import MANIFEST, Staging
 
 BUCKET = "lorastream-test"
 SHARD = "60KB"  # the tiny model then spans six shards
@@ -142,12 +142,12 @@ def test_interrupted_remote_merge_leaves_no_final_keys_and_resumes(s3: Any, case
 
 def test_a_changed_staged_shard_is_redone(s3: Any, case: dict[str, Any]) -> None:
     """The manifest's checksum (the ETag) proves a staged shard; an object rewritten since is redone."""
-    staging = RemoteStaging(storage.location(f"s3://{BUCKET}/proof/.out.lorastream-partial"), "job")  # type: ignore[arg-type]
+    staging = Staging(storage.location(f"s3://{BUCKET}/proof/.out.lorastream-partial"), "job", ObjectStorePrefix())
     s3.pipe_file(f"{BUCKET}/proof/.out.lorastream-partial/a.safetensors", b"x" * 10)
     staging.record("a.safetensors", 10, 0)
     s3.pipe_file(f"{BUCKET}/proof/.out.lorastream-partial/a.safetensors", b"y" * 10)
-    resumed = RemoteStaging(staging.path, "job")
-    resumed._resume(overwrite=False)
+    resumed = Staging(staging.path, "job", ObjectStorePrefix())
+    resumed.resume(overwrite=False)
     assert resumed.shards == {}
     s3.invalidate_cache()
     assert s3.ls(f"{BUCKET}/proof/.out.lorastream-partial", detail=False) == [

@@ -1,7 +1,5 @@
 """lorastream: merge LoRA fine-tuning results into full models in bounded memory."""
 
-__version__ = "0.1.0"
-
 from .api import (
     AdapterResult,
     MergeResult,
@@ -18,6 +16,7 @@ from .api import (
     verify_litgpt,
 )
 from .errors import InputError, LorastreamError, ResourceError
+from .version import __version__
 
 __all__ = ["AdapterResult", "InputError", "LorastreamError", "MergeResult", "ResourceError", "__version__",
            "extract", "inspect", "merge", "merge_each", "merge_litgpt", "plan", "plan_each", "plan_litgpt", "save_lora",

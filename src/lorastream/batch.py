@@ -2,13 +2,13 @@
 another here or as Ray tasks, with a summary of what succeeded and what failed and why.
 
 A job is a PEFT merge (`base`, `adapters`, `out`, and `merge`'s options) or, with `lora_run`, a LitGPT merge
-(`merge-litgpt`'s options). The fields are the keyword arguments of `api.merge` / `api.merge_litgpt`, so a new
+(`merge-litgpt`'s options). The option fields are `MergeOptions` fields, checked as it checks them, so a new
 option there is a field here; relative paths are taken from the YAML file's folder.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,14 +17,12 @@ from typing import Any
 
 import yaml
 
-from . import api, ray_executor
-from .errors import InputError, LorastreamError
-from .litgpt import FORMATS as LITGPT_FORMATS
+from . import api, options
+from .errors import ExitStatus, InputError, LorastreamError, MismatchError
+from .executors import ray_tasks
 from .memory import default_budget, parse_size
+from .options import MergeOptions
 
-# Exit status of `lorastream batch` when a job failed (or was skipped after one failed).
-FAILED_JOBS = 6
-_NOT_FIELDS = {"progress", "executor", "ray_address"}
 _PATH_FIELDS = {"base", "adapters", "out", "lora_run"}
 
 
@@ -41,73 +39,46 @@ def _texts(value: object) -> list[str]:
     return [_text(v) for v in values]
 
 
-def _numbers(value: object) -> list[float]:
-    if not isinstance(value, list) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-        raise ValueError("expected a list of numbers such as [0.7, 0.3]")
-    return [float(v) for v in value]
+_PATH_CHECKS: dict[str, Callable[[object], Any]] = {"base": _text, "adapters": _texts, "out": _text,
+                                                    "lora_run": _text}
 
 
-def _size(value: object) -> str | int:
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ValueError("expected a size such as 2GiB")
-    try:
-        parse_size(value)
-    except (InputError, ValueError) as exc:
-        raise ValueError(str(exc)) from None
-    return value
-
-
-def _flag(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("expected true or false")
-    return value
-
-
-def _choice(*options: str) -> Callable[[object], str]:
-    def check(value: object) -> str:
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}")
-        return str(value)
-
-    return check
-
-
-def _scalar(value: object) -> object:
-    if not isinstance(value, str | int | float | bool):
-        raise ValueError("expected a string, number or true/false")
-    return value
-
-
-_CHECKS: dict[str, Callable[[object], Any]] = {
-    "base": _text, "adapters": _texts, "out": _text, "lora_run": _text, "weights": _numbers, "max_memory": _size,
-    "max_shard_size": _size, "dtype": _choice(*api.DTYPES), "quantize": _choice("nf4", "fp4", "int8"),
-    "trained_on": _choice("nf4", "fp4"), "format": _choice(*LITGPT_FORMATS), "double_quant": _flag,
-    "overwrite": _flag, "allow_nonfinite": _flag,
-}
+def _fields(litgpt: bool) -> set[str]:
+    """A job's fields: its inputs and output, and the options of the command it runs."""
+    command = options.MERGE_LITGPT if litgpt else options.MERGE
+    paths = {"lora_run", "out"} if litgpt else {"base", "adapters", "out"}
+    return paths | {name for name in options.for_command(command) if options.spec(name).per_job}
 
 
 @dataclass(frozen=True)
 class Job:
-    """One checked job: which API call, with which keyword arguments (paths absolute)."""
+    """One checked job: its inputs and output (paths absolute) and its options."""
 
     index: int  # 1-based, as errors and the summary name it
-    arguments: dict[str, Any]
+    paths: dict[str, Any]
+    options: MergeOptions
 
     @property
     def is_litgpt(self) -> bool:
-        return "lora_run" in self.arguments
+        return "lora_run" in self.paths
 
     @property
     def out(self) -> str:
-        return str(self.arguments.get("out") or Path(self.arguments["lora_run"]) / "lit_model.pth")
+        return str(self.paths.get("out") or Path(self.paths["lora_run"]) / "lit_model.pth")
 
 
 def run_job(job: Job, max_memory: int | None = None) -> api.MergeResult:
     """Run one job here, or in a Ray worker with the memory its task reserved as its budget."""
-    arguments = {**job.arguments, **({"max_memory": max_memory} if max_memory is not None else {})}
+    chosen = job.options if max_memory is None else dataclasses.replace(job.options, max_memory=max_memory)
     if job.is_litgpt:
-        return api.merge_litgpt(arguments.pop("lora_run"), **arguments)
-    return api.merge(**arguments)
+        return api.merge_litgpt(job.paths["lora_run"], job.paths.get("out"), chosen)
+    result = api.merge(job.paths["base"], job.paths["adapters"], job.paths["out"], chosen)
+    if chosen.verify:
+        report = api.verify(job.paths["base"], job.paths["adapters"], result.out_dir, max_memory=chosen.max_memory)
+        if not report.ok:
+            raise MismatchError(f"{result.out_dir}: {sum(not c.ok for c in report.checks) + len(report.unexpected)} "
+                                "tensors do not match their recomputation (lorastream verify shows which)")
+    return result
 
 
 @dataclass(frozen=True)
@@ -125,31 +96,28 @@ class Outcome:
                 "exit_code": self.exit_code}
 
 
-def _fields(call: Callable[..., Any]) -> set[str]:
-    return set(inspect.signature(call).parameters) - _NOT_FIELDS
-
-
 def _check_job(index: int, entry: object, defaults: dict[str, Any], folder: Path) -> Job:
     if not isinstance(entry, dict):
         raise InputError(f"job {index}: expected a mapping of fields (base, adapters, out, ...)")
     entry = {**_renamed(defaults), **_renamed(entry)}
     litgpt = "lora_run" in entry
-    allowed = (_fields(api.merge_litgpt) - {"lora_dir"}) | {"lora_run"} if litgpt else _fields(api.merge)
-    required = ["lora_run"] if litgpt else ["base", "adapters", "out"]
-    arguments: dict[str, Any] = {}
-    for name in required:
+    allowed = _fields(litgpt)
+    for name in ["lora_run"] if litgpt else ["base", "adapters", "out"]:
         if name not in entry:
             raise InputError(f"job {index}: field {name!r} is missing")
+    paths: dict[str, Any] = {}
+    chosen: dict[str, Any] = {}
     for name, value in entry.items():
         if name not in allowed:
             raise InputError(f"job {index}: unknown field {name!r} (expected one of {', '.join(sorted(allowed))})")
         try:
-            arguments[name] = _CHECKS.get(name, _scalar)(value)
+            if name in _PATH_FIELDS:
+                paths[name] = _absolute(_PATH_CHECKS[name](value), folder)
+            else:
+                chosen[name] = options.check_field(name, value)
         except ValueError as exc:
             raise InputError(f"job {index}: field {name!r}: {value!r}: {exc}") from None
-        if name in _PATH_FIELDS:
-            arguments[name] = _absolute(arguments[name], folder)
-    return Job(index, arguments)
+    return Job(index, paths, MergeOptions(**chosen))
 
 
 def _renamed(fields: dict[str, Any]) -> dict[str, Any]:
@@ -196,9 +164,9 @@ def load_jobs(path: Path) -> list[Job]:
 def _failed(job: Job, exc: BaseException, seconds: float = 0.0) -> Outcome:
     if isinstance(exc, OSError):
         message = f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc)
-        return Outcome(job, "failed", seconds, error=message, exit_code=5)
+        return Outcome(job, "failed", seconds, error=message, exit_code=ExitStatus.SYSTEM)
     return Outcome(job, "failed", seconds, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                   exit_code=getattr(exc, "exit_code", 1))
+                   exit_code=getattr(exc, "exit_code", ExitStatus.FAILURE))
 
 
 def _succeeded(job: Job, result: api.MergeResult) -> Outcome:
@@ -209,8 +177,8 @@ def run_jobs(jobs: list[Job], *, executor: str = "local", continue_on_error: boo
              ray_address: str | None = None, report: Callable[[Outcome], None] = lambda _o: None) -> list[Outcome]:
     """Run every job (here in order, or as Ray tasks at once); after a failure, skip the rest unless
     `continue_on_error`. `report` sees each outcome as it comes. Outcomes are returned in job order."""
-    if executor not in api.EXECUTORS:
-        raise InputError(f"--executor {executor!r}: expected one of {', '.join(api.EXECUTORS)}")
+    if executor not in options.EXECUTORS:
+        raise InputError(f"--executor {executor!r}: expected one of {', '.join(options.EXECUTORS)}")
     outcomes: dict[int, Outcome] = {}
 
     def note(outcome: Outcome) -> bool:
@@ -220,8 +188,8 @@ def run_jobs(jobs: list[Job], *, executor: str = "local", continue_on_error: boo
         return outcome.status == "ok" or continue_on_error
 
     if executor == "ray":
-        budgets = [parse_size(job.arguments.get("max_memory") or default_budget()) for job in jobs]
-        ray_executor.run_tasks(run_job, list(zip(jobs, budgets, strict=True)), budgets,
+        budgets = [parse_size(job.options.max_memory or default_budget()) for job in jobs]
+        ray_tasks.run_tasks(run_job, list(zip(jobs, budgets, strict=True)), budgets,
                                [f"job {job.index}" for job in jobs],
                                lambda i, result: note(_succeeded(jobs[i], result)),
                                lambda i, exc: note(_failed(jobs[i], exc)), ray_address)

@@ -13,18 +13,16 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from . import api
+from . import api, options
 from . import batch as batch_jobs
-from .device import DEVICES
-from .errors import LorastreamError
+from .codecs.plain import TensorRef
+from .errors import ExitStatus, LorastreamError
 from .formats.litgpt import is_lora_run
-from .formats.tensor_ref import TensorRef
+from .io.locations import is_remote
 from .memory import format_size
+from .options import MergeOptions
 from .planner import Plan, describe, describe_shortfall
-from .storage import is_remote
-
-DTYPE_CHOICE = click.Choice(sorted(api.DTYPES))
-IO_ERROR = 5
+from .quiet import third_party_quiet
 
 
 def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -41,89 +39,75 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"lorastream: error: {where}{exc.strerror or exc}; the output folder is untouched",
                        err=True)
-            sys.exit(IO_ERROR)
+            sys.exit(ExitStatus.SYSTEM)
         except KeyboardInterrupt:
             click.echo("lorastream: interrupted; the output folder is untouched, and rerunning the same command "
                        "resumes from the shards already finished", err=True)
-            sys.exit(130)
+            sys.exit(ExitStatus.INTERRUPTED)
 
     return wrapper
 
 
-def _parse_weights(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(w) for w in text.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected comma-separated numbers such as 0.7,0.3") from None
+def _click_option(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A merge option as click shows it, from its `MergeOptions` field."""
+    spec, default = options.spec(name), options.default(name)
+    if spec.is_flag:
+        return click.option(options.flag(name), is_flag=True, help=spec.help)
+    if spec.is_switch:
+        return click.option(f"{options.flag(name)}/--no-{options.flag(name)[2:]}", default=None, help=spec.help)
+    settings: dict[str, Any] = {"help": spec.help}
+    if spec.choices:
+        settings["type"] = click.Choice(spec.choices)
+    if default is not None:
+        settings.update(default=default, show_default=True)
+    if spec.parse is not None:
+        settings["callback"] = _parser(spec.parse)
+    return click.option(options.flag(name), **settings)
 
 
-_MAX_MEMORY = click.option("--max-memory", help="Peak RSS budget for the whole process, e.g. 512MiB, 2GiB, 4GB "
-                           "(default: half the available memory, at most 4 GiB).")
-_MAX_SHARD_SIZE = click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
-_QUANTIZE = click.option("--quantize", type=click.Choice(["nf4", "fp4", "int8"]),
-                         help="Write linear weights in bitsandbytes' format (transformers loads it as is).")
-_TRAINED_ON = click.option("--trained-on", type=click.Choice(["nf4", "fp4"]),
-                           help="Merge into the base as QLoRA training saw it, dequantize(quantize(W)), not the "
-                           "dense weights.")
-_DOUBLE_QUANT = click.option("--double-quant/--no-double-quant", default=None,
-                             help="4-bit: quantize the block statistics too (default: on for nf4, off for fp4; "
-                             "for a LitGPT run's --trained-on, as its quantize setting says, bnb.nf4-dq).")
-_JSON = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-_job_options = [
-    click.argument("base", type=click.Path(file_okay=False)),
-    click.argument("adapters", nargs=-1, required=True, type=click.Path(file_okay=False)),
-    click.option("-o", "--out", required=True, type=click.Path(), help="Output folder."),
-    click.option("--weights", help="Comma-separated weight per adapter (default 1 each)."),
-    _MAX_MEMORY,
-    click.option("--dtype", type=DTYPE_CHOICE, help="Output dtype of floating tensors (default: as in the base)."),
-    _MAX_SHARD_SIZE, _QUANTIZE, _TRAINED_ON, _DOUBLE_QUANT, _JSON,
-]
-_BASE = click.option("--base", type=click.Path(file_okay=False),
-                     help="Base checkpoint folder (default: checkpoint_dir in LORA_DIR/hyperparameters.yaml).")
-_LITGPT_DTYPE = click.option("--dtype", type=DTYPE_CHOICE, help="Merged dtype (default: the LoRA weights', as LitGPT).")
-_litgpt_options = [
-    click.argument("lora_dir", type=click.Path(file_okay=False)),
-    click.option("-o", "--out", type=click.Path(), help="Output folder (default for --format litgpt: lit_model.pth "
-                 "in LORA_DIR, as litgpt merge_lora writes it)."),
-    click.option("--format", "fmt", type=click.Choice(["litgpt", "hf"]), default="litgpt", show_default=True,
-                 help="lit_model.pth, or a Hugging Face safetensors folder with LitGPT's key map and a config.json."),
-    _BASE, _MAX_MEMORY, _LITGPT_DTYPE, _MAX_SHARD_SIZE, _QUANTIZE, _TRAINED_ON, _DOUBLE_QUANT, _JSON,
-]
+def _parser(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, str | None], Any]:
+    def callback(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+        try:
+            return None if value is None else parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(f"{value!r}: {exc}") from None
+
+    return callback
 
 
-def _with(options: list[Callable[..., Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        for option in reversed(options):
-            command = option(command)
-        return command
+def _merge_options(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The `MergeOptions` fields `command` takes, as click options; the command gets them as keyword arguments."""
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        for name in reversed(options.for_command(command)):
+            function = _click_option(name)(function)
+        return function
 
     return decorate
 
 
-_with_job_options = _with(_job_options)
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+_QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+_BASE = click.option("--base", type=click.Path(file_okay=False),
+                     help="Base checkpoint folder (default: checkpoint_dir in LORA_DIR/hyperparameters.yaml).")
+_LITGPT_OUT = click.option("-o", "--out", type=click.Path(), help="Output folder (default for --format litgpt: "
+                           "lit_model.pth in LORA_DIR, as litgpt merge_lora writes it).")
 
 
-# Options of `merge` and `merge-litgpt` that take a value, so their values are not read as positional folders.
-_VALUE_OPTIONS = {"-o", "--out", "--base", "--format", "--executor", "--ray-address", "--weights", "--max-memory",
-                  "--dtype", "--max-shard-size", "--quantize", "--trained-on", "--device", "--max-gpu-memory"}
+def _peft_inputs(function: Callable[..., Any]) -> Callable[..., Any]:
+    function = click.option("-o", "--out", required=True, type=click.Path(), help="Output folder.")(function)
+    function = click.argument("adapters", nargs=-1, type=click.Path(file_okay=False))(function)
+    return click.argument("base", type=click.Path(file_okay=False))(function)
 
 
-def _device_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    command = click.option("--max-gpu-memory", help="GPU memory budget for the merge, e.g. 20GiB (default: 80% of "
-                           "the GPU's free memory).")(command)
-    return click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
-                        help="Merge on the CPU or a CUDA GPU (auto: the GPU if there is one; cuda without one "
-                        "merges on the CPU, with a notice).")(command)
+def _base_and_adapters(base: str, adapters: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """`BASE ADAPTER...`, or `ADAPTER` alone: its base is then the one its adapter_config.json records."""
+    return (base, list(adapters)) if adapters else (None, [base])
 
 
-def _executor_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    command = click.option("--ray-address", help="Ray cluster to run on (default: the Ray instance this machine "
-                           "runs, else a new local one).")(command)
-    return click.option("--executor", type=click.Choice(api.EXECUTORS), default="local", show_default=True,
-                        help="Run in this process, or as Ray tasks (pip install 'lorastream[ray]'), each within "
-                        "its --max-memory.")(command)
+def _value_options(command: click.Command | None) -> set[str]:
+    """The options of `command` that take a value (so that value is not read as a positional argument)."""
+    return {name for p in (command.params if command else []) if isinstance(p, click.Option) and not p.is_flag
+            for name in p.opts}
 
 
 # The LitGPT form of a command, and how many positional arguments it takes (the first being the LoRA run).
@@ -138,12 +122,13 @@ class _Commands(click.Group):
                                                                              list[str]]:
         if args[:1] and args[0] in _LITGPT_FORMS:
             command, count = _LITGPT_FORMS[args[0]]
+            value_options = _value_options(self.commands.get(args[0])) | _value_options(self.commands.get(command))
             positional, expects_value = [], False
             for arg in args[1:]:
                 if expects_value:
                     expects_value = False
                 elif arg.startswith("-"):
-                    expects_value = arg in _VALUE_OPTIONS
+                    expects_value = arg in value_options
                 else:
                     positional.append(arg)
             if len(positional) == count and is_lora_run(Path(positional[0])):
@@ -153,10 +138,12 @@ class _Commands(click.Group):
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lorastream")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Merge LoRA adapters into full models in bounded memory."""
     # SIGTERM unwinds like Ctrl-C, so the staged output is removed and nothing half-written remains.
     signal.signal(signal.SIGTERM, _interrupt)
+    ctx.with_resource(third_party_quiet())
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -164,76 +151,71 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 @main.command()
-@_with_job_options
-@click.option("--overwrite", is_flag=True,
-              help="Replace a non-empty output folder (only once the new one is complete).")
-@click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf in merged tensors instead of refusing.")
-@click.option("--verify", "verify_after", is_flag=True, help="Recompute and compare the output after writing it.")
+@_peft_inputs
+@_merge_options(options.MERGE)
 @click.option("--each", is_flag=True, help="Merge each adapter on its own into OUT/<adapter folder name>/, "
               "reading the base once for all of them.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@_executor_options
-@_device_options
+@_JSON
+@_QUIET
 @_reports_errors
-def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
-          dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
-          double_quant: bool | None, as_json: bool, overwrite: bool, allow_nonfinite: bool, verify_after: bool,
-          each: bool, quiet: bool, executor: str, ray_address: str | None, device: str,
-          max_gpu_memory: str | None) -> None:
-    """Merge ADAPTERS (PEFT LoRA folders) into BASE (a Hugging Face model folder), writing OUT."""
-    _refuse_weights_with_each(each, weights)
-    if each and executor != "local":
+def merge(base: str, adapters: tuple[str, ...], out: str, each: bool, as_json: bool, quiet: bool,
+          **fields: Any) -> None:
+    """Merge ADAPTERS (PEFT LoRA folders) into BASE, writing OUT. BASE is a Hugging Face model folder, a URL, or
+    a Hub repo id (org/name) found in the local Hugging Face cache as from_pretrained finds it; without BASE
+    (`merge ADAPTER -o OUT`), the adapter's base_model_name_or_path."""
+    chosen = MergeOptions(**fields)
+    model, inputs = _base_and_adapters(base, adapters)
+    _refuse_weights_with_each(each, chosen)
+    if each and chosen.executor != "local":
         raise click.UsageError("--each runs on the local executor only")
-    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr,
-              disable=quiet or not sys.stderr.isatty()) as bar:
-        options = dict(max_memory=max_memory, dtype=dtype, max_shard_size=max_shard_size, quantize=quantize,
-                       double_quant=double_quant, trained_on=trained_on, overwrite=overwrite,
-                       allow_nonfinite=allow_nonfinite, progress=bar.update, device=device,
-                       max_gpu_memory=max_gpu_memory)
-        results = (api.merge_each(base, list(adapters), out, **options) if each else  # type: ignore[arg-type]
-                   [api.merge(base, list(adapters), out, weights=_parse_weights(weights), executor=executor,
-                              ray_address=ray_address, **options)])  # type: ignore[arg-type]
+    with _progress_bar(quiet) as bar:
+        results = (api.merge_each(model, inputs, out, chosen, progress=bar.update) if each else
+                   [api.merge(model, inputs, out, chosen, progress=bar.update)])
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results] if each else results[0].to_json(), indent=2))
     else:
         for result in results:
-            click.echo(f"wrote {result.out_dir} ({format_size(result.bytes_written)} in {len(result.files)} files) "
-                       f"in {result.seconds:.1f} s", err=True)
+            click.echo(f"{result.out_dir}: already up to date (written by this same merge: inputs and options)"
+                       if result.up_to_date else f"wrote {result.out_dir} ({format_size(result.bytes_written)} in "
+                       f"{len(result.files)} files) in {result.seconds:.1f} s", err=True)
     click.echo(f"Memory used: peak RSS {format_size(results[0].peak_rss)} of a {format_size(results[0].budget)} "
                "budget", err=True)
-    if verify_after:
-        merged = [[a] for a in adapters] if each else [list(adapters)]
-        for inputs, result in zip(merged, results, strict=True):
-            report = api.verify(base, inputs, result.out_dir, weights=_parse_weights(weights), max_memory=max_memory)
+    if chosen.verify:
+        merged = [[a] for a in inputs] if each else [inputs]
+        for adapter_set, result in zip(merged, results, strict=True):
+            report = api.verify(model, adapter_set, result.out_dir, weights=chosen.weights,
+                                max_memory=chosen.max_memory, revision=chosen.revision)
             if not report.ok:
                 click.echo(_render_verify(report), err=True)
-                sys.exit(4)
+                sys.exit(ExitStatus.MISMATCH)
             click.echo(f"verified: {len(report.checks)} tensors match in {result.out_dir}", err=True)
 
 
+def _progress_bar(quiet: bool) -> tqdm[Any]:
+    return tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr,
+                disable=quiet or not sys.stderr.isatty())
+
+
 @main.command("merge-litgpt")
-@_with(_litgpt_options)
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (only once the new one is complete).")
-@click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/Inf in merged tensors instead of refusing.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.argument("lora_dir", type=click.Path(file_okay=False))
+@_LITGPT_OUT
+@_BASE
+@_merge_options(options.MERGE_LITGPT)
+@_JSON
+@_QUIET
 @_reports_errors
-def merge_litgpt(lora_dir: str, out: str | None, fmt: str, base: str | None, max_memory: str | None,
-                 dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
-                 double_quant: bool | None, as_json: bool, overwrite: bool, allow_nonfinite: bool,
-                 quiet: bool) -> None:
+def merge_litgpt(lora_dir: str, out: str | None, base: str | None, as_json: bool, quiet: bool, **fields: Any) -> None:
     """Merge a `litgpt finetune lora` run (LORA_DIR: final/ or step-XXXXXX/) into its base, as litgpt merge_lora
     does, in bounded memory. `lorastream merge LORA_DIR` runs this too."""
-    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr,
-              disable=quiet or not sys.stderr.isatty()) as bar:
-        result = api.merge_litgpt(lora_dir, out, base=base, max_memory=max_memory, dtype=dtype, format=fmt,
-                                  max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant,
-                                  trained_on=trained_on, overwrite=overwrite, allow_nonfinite=allow_nonfinite,
-                                  progress=bar.update)
+    with _progress_bar(quiet) as bar:
+        result = api.merge_litgpt(lora_dir, out, MergeOptions(**fields), base=base, progress=bar.update)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
         shown = result.out_dir / result.files[0] if out is None else result.out_dir
-        click.echo(f"wrote {shown} ({format_size(result.bytes_written)}) in {result.seconds:.1f} s", err=True)
+        click.echo(f"{shown}: already up to date (written by this same merge: inputs and options)"
+                   if result.up_to_date else f"wrote {shown} ({format_size(result.bytes_written)}) in "
+                   f"{result.seconds:.1f} s", err=True)
     click.echo(f"Memory used: peak RSS {format_size(result.peak_rss)} of a {format_size(result.budget)} budget",
                err=True)
 
@@ -300,21 +282,18 @@ def _render_verify(report: api.VerifyReport) -> str:
 @main.command()
 @click.argument("base", type=click.Path(file_okay=False))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--weights", help="Comma-separated weight per adapter (default: as recorded, else 1 each).")
-@click.option("--max-memory", help="Peak RSS budget, as for merge.")
+@_merge_options(options.VERIFY)
 @click.option("--exact/--tolerant", default=None,
               help="Require identical bytes (default for lorastream's outputs) or allow one rounding step.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the summary line and failures.")
 @_reports_errors
-def verify(base: str, paths: tuple[str, ...], weights: str | None, max_memory: str | None, exact: bool | None,
-           as_json: bool, quiet: bool) -> None:
+def verify(base: str, paths: tuple[str, ...], exact: bool | None, as_json: bool, quiet: bool, **fields: Any) -> None:
     """Recompute merging ADAPTERS into BASE and compare with MERGED (the last path). Exit 0 when every
     tensor matches, 4 otherwise."""
     if len(paths) < 2:
         raise click.UsageError("expected BASE ADAPTER... MERGED")
-    report = api.verify(base, list(paths[:-1]), paths[-1], weights=_parse_weights(weights), max_memory=max_memory,
-                        exact=exact)
+    report = api.verify(base, list(paths[:-1]), paths[-1], MergeOptions(**fields), exact=exact)
     _show_verify(report, as_json, quiet)
 
 
@@ -327,49 +306,47 @@ def _show_verify(report: api.VerifyReport, as_json: bool, quiet: bool) -> None:
         click.echo("\n".join(line for line in text.splitlines() if not quiet or "ok" not in line.split()[-1:]))
     click.echo(f"Memory used: peak RSS {format_size(report.peak_rss)} of a {format_size(report.budget)} budget",
                err=True)
-    sys.exit(0 if report.ok else 4)
+    sys.exit(ExitStatus.OK if report.ok else ExitStatus.MISMATCH)
 
 
 @main.command("verify-litgpt")
 @click.argument("lora_dir", type=click.Path(file_okay=False))
 @click.argument("merged", type=click.Path(exists=True))
-@_with([_BASE, _MAX_MEMORY, _LITGPT_DTYPE, _TRAINED_ON, _DOUBLE_QUANT])
+@_BASE
+@_merge_options(options.VERIFY_LITGPT)
 @click.option("--exact/--tolerant", default=True, show_default=True,
               help="Require identical bytes (lorastream and litgpt merge_lora write the same) or allow one rounding "
               "step.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the summary line and failures.")
 @_reports_errors
-def verify_litgpt(lora_dir: str, merged: str, base: str | None, max_memory: str | None, dtype: str | None,
-                  trained_on: str | None, double_quant: bool | None, exact: bool, as_json: bool, quiet: bool) -> None:
+def verify_litgpt(lora_dir: str, merged: str, base: str | None, exact: bool, as_json: bool, quiet: bool,
+                  **fields: Any) -> None:
     """Recompute merging the LitGPT LoRA run LORA_DIR and compare with MERGED: a lit_model.pth (or its folder),
     or a --format hf folder. Exit 0 when every tensor matches, 4 otherwise. `lorastream verify LORA_DIR MERGED`
     runs this too."""
-    report = api.verify_litgpt(lora_dir, merged, base=base, max_memory=max_memory, dtype=dtype,
-                               double_quant=double_quant, trained_on=trained_on, exact=exact)
+    report = api.verify_litgpt(lora_dir, merged, MergeOptions(**fields), base=base, exact=exact)
     _show_verify(report, as_json, quiet)
 
 
 @main.command("plan")
-@_with_job_options
+@_peft_inputs
+@_merge_options(options.PLAN)
 @click.option("--each", is_flag=True, help="Plan merging each adapter on its own into OUT/<adapter folder name>/, "
               "in one pass over the base.")
-@_device_options
+@_JSON
 @_reports_errors
-def plan_command(base: str, adapters: tuple[str, ...], out: str, weights: str | None, max_memory: str | None,
-                 dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
-                 double_quant: bool | None, as_json: bool, each: bool, device: str, max_gpu_memory: str | None) -> None:
+def plan_command(base: str, adapters: tuple[str, ...], out: str, each: bool, as_json: bool, **fields: Any) -> None:
     """Show what merging ADAPTERS into BASE needs (memory, disk, shards, targets) without reading weights."""
-    _refuse_weights_with_each(each, weights)
-    options = dict(max_memory=max_memory, dtype=dtype, max_shard_size=max_shard_size, quantize=quantize,
-                   double_quant=double_quant, trained_on=trained_on, device=device, max_gpu_memory=max_gpu_memory)
-    jobs = (api.plan_each(base, list(adapters), out, **options) if each else  # type: ignore[arg-type]
-            [api.plan(base, list(adapters), out, weights=_parse_weights(weights), **options)])  # type: ignore[arg-type]
+    chosen = MergeOptions(**fields)
+    _refuse_weights_with_each(each, chosen)
+    model, inputs = _base_and_adapters(base, adapters)
+    jobs = api.plan_each(model, inputs, out, chosen) if each else [api.plan(model, inputs, out, chosen)]
     _show_plan(jobs[0], as_json, *jobs[1:])
 
 
-def _refuse_weights_with_each(each: bool, weights: str | None) -> None:
-    if each and weights is not None:
+def _refuse_weights_with_each(each: bool, chosen: MergeOptions) -> None:
+    if each and chosen.weights is not None:
         raise click.UsageError("--weights combines the adapters into one model, --each merges each one on its own "
                                "into OUT/<adapter folder name>/; use one or the other")
 
@@ -384,20 +361,20 @@ def _show_plan(job: Plan, as_json: bool, *others: Plan) -> None:
     shortfall = describe_shortfall(job, *others)
     if shortfall:
         click.echo(f"lorastream: cannot run: {shortfall}", err=True)
-        sys.exit(3)
+        sys.exit(ExitStatus.RESOURCES)
 
 
 @main.command("plan-litgpt")
-@_with(_litgpt_options)
+@click.argument("lora_dir", type=click.Path(file_okay=False))
+@_LITGPT_OUT
+@_BASE
+@_merge_options(options.PLAN_LITGPT)
+@_JSON
 @_reports_errors
-def plan_litgpt(lora_dir: str, out: str | None, fmt: str, base: str | None, max_memory: str | None,
-                dtype: str | None, max_shard_size: str, quantize: str | None, trained_on: str | None,
-                double_quant: bool | None, as_json: bool) -> None:
+def plan_litgpt(lora_dir: str, out: str | None, base: str | None, as_json: bool, **fields: Any) -> None:
     """Show what merging the LitGPT LoRA run LORA_DIR needs (memory, disk, output layout) without reading weights.
     `lorastream plan LORA_DIR` runs this too."""
-    _show_plan(api.plan_litgpt(lora_dir, out, base=base, max_memory=max_memory, dtype=dtype, format=fmt,
-                               max_shard_size=max_shard_size, quantize=quantize, double_quant=double_quant,
-                               trained_on=trained_on), as_json)
+    _show_plan(api.plan_litgpt(lora_dir, out, MergeOptions(**fields), base=base), as_json)
 
 
 @main.command()
@@ -471,7 +448,8 @@ def _render_batch(outcomes: list[batch_jobs.Outcome]) -> str:
 @click.argument("jobs_file", metavar="JOBS.yaml", type=click.Path(dir_okay=False))
 @click.option("--continue-on-error", is_flag=True, help="Run every job even after one fails (default: skip the rest).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-@_executor_options
+@_click_option("executor")
+@_click_option("ray_address")
 @_reports_errors
 def batch(jobs_file: str, continue_on_error: bool, as_json: bool, executor: str, ray_address: str | None) -> None:
     """Run the merges listed in JOBS.yaml (all checked first) and print which succeeded and why others failed.
@@ -485,7 +463,7 @@ def batch(jobs_file: str, continue_on_error: bool, as_json: bool, executor: str,
                                "succeeded": sum(o.status == "ok" for o in outcomes), "total": len(outcomes)}, indent=2))
     else:
         click.echo(_render_batch(outcomes))
-    sys.exit(0 if all(o.status == "ok" for o in outcomes) else batch_jobs.FAILED_JOBS)
+    sys.exit(ExitStatus.OK if all(o.status == "ok" for o in outcomes) else ExitStatus.JOBS_FAILED)
 
 
 @main.command()

@@ -23,12 +23,12 @@ from typing import Protocol
 import torch
 
 from .codecs import Source
+from .codecs.plain import TensorRef
 from .device import CPU, Accelerator
 from .errors import InputError, ResourceError
-from .formats.tensor_ref import TensorRef
+from .io.locations import RemotePath
 from .memory import format_size, keep_heap_bounded
 from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan, Shard, layout
-from .storage import RemotePath
 
 Progress = Callable[[int], None]
 # The reader and writer threads each keep about one core busy (pread, write, CRC-32).

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 import yaml
 
-from . import __version__
 from .adapters.litgpt import QKV_MODULES, read_litgpt_adapter
 from .adapters.peft import PREFIX, check_config, read_peft_adapter
+from .dtypes import LITGPT_PRECISIONS
 from .errors import InputError
 from .formats.hf import read_json
 from .formats.litgpt import (
@@ -45,10 +45,11 @@ from .formats.litgpt import (
 from .formats.safetensors import ShardWriter, TensorSpec, read_header
 from .formats.torchzip import read_state_dict
 from .formats.torchzip_writer import TorchZipWriter
+from .io.staging import job_id, promote, staging_for
 from .litgpt import family_of, hf_targets
 from .memory import current_rss, format_size
-from .output import check_destination
-from .staging import job_id, promote, staging_for
+from .outputs.base import check_destination
+from .version import __version__
 
 logger = logging.getLogger("lorastream")
 
@@ -60,7 +61,6 @@ _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_
                        r"lora_magnitude_vector|modules_to_save)\.(?P<adapter>[^.]+)(?P<rest>\..+)?$")
 # PEFT saves the base weight of these layers with the adapter when one of them is a LoRA target.
 _EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
-_PRECISION = {torch.bfloat16: "bf16-true", torch.float16: "16-true", torch.float32: "32-true"}
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def litgpt_hyperparameters(tensors: list[AdapterTensor], given: dict[str, Any], 
             raise InputError(f"{source}: {field} cannot be read from the tensors and no {HYPERPARAMETERS_FILE} "
                              f"gives it; pass {how} (or --config hyperparameters.yaml)")
     if hparams.get("precision") is None:
-        hparams["precision"] = _PRECISION.get(tensors[0].dtype)
+        hparams["precision"] = LITGPT_PRECISIONS.get(tensors[0].dtype)
     return hparams
 
 

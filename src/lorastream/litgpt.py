@@ -17,20 +17,17 @@ from typing import Any
 
 import torch
 
-from .adapters.litgpt import lora_dtype, read_litgpt_adapter
 from .adapters.lora import Adapter, LoraModule
-from .codecs import Encoding, Source
+from .codecs import Source
 from .codecs.bnb4 import Bnb4Encoding, RoundTripSource
+from .codecs.plain import TensorRef
+from .dtypes import dtype_name
 from .errors import InputError
 from .formats.hf import HFModel, read_json
-from .formats.litgpt import CONFIG_FILE, MODEL_FILE, Attention, LoraRun, join_ranges
+from .formats.litgpt import CONFIG_FILE, Attention, join_ranges
 from .formats.stored_rows import StoredRows, slice_rows
-from .formats.tensor_ref import TensorRef
 from .litgpt_families import Family, family_of
-from .planner import HEADER_ALLOWANCE, Plan, Shard, make_plan
 
-FORMATS = ("litgpt", "hf")
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)\.(weight|bias)$")
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(fc_1|fc_2|proj)$")
 _QKV = ("attn.qkv", "attn.attn")  # current and legacy (litgpt <= 0.5.4) names of the fused attention input
@@ -190,37 +187,8 @@ def hf_config(c: dict[str, Any], family: Family, attention: Attention, *, tied: 
     config: dict[str, Any] = {"architectures": [family.architecture], "model_type": family.model_type,
                               "vocab_size": c.get("padded_vocab_size") or c["vocab_size"],
                               **family.config(c, attention), "tie_word_embeddings": tied,
-                              "torch_dtype": _DTYPE_NAMES[dtype], "dtype": _DTYPE_NAMES[dtype]}
+                              "torch_dtype": dtype_name(dtype), "dtype": dtype_name(dtype)}
     tokens = ("bos_token_id", "eos_token_id", "pad_token_id")  # not the class defaults, which may exceed the vocab
     config.update({k: original.get(k) for k in tokens})
     return config
 
-
-def plan_litgpt(run: LoraRun, base: HFModel, out_dir: Path, *, fmt: str, dtype: torch.dtype | None, budget: int,
-                baseline: int, disk_free: int, max_shard_size: int, quantize: Encoding | None = None,
-                trained_on: Bnb4Encoding | None = None) -> Plan:
-    """Plan merging a LoRA run into `base`, written as `lit_model.pth` (fmt "litgpt") or a Hugging Face folder.
-
-    The merged dtype is `litgpt merge_lora`'s, the LoRA weights' one, unless `dtype` is given; LoRA updates
-    are computed and added in it, as LitGPT does. `quantize` (fmt "hf" only) writes linear weights in
-    bitsandbytes' format; `trained_on` (fmt "litgpt" only) merges into the base as QLoRA training saw it.
-    """
-    if fmt not in FORMATS:
-        raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if quantize is not None and fmt != "hf":
-        raise InputError("--quantize needs --format hf: lit_model.pth holds dense weights only")
-    if trained_on is not None and fmt != "litgpt":
-        raise InputError("--trained-on needs --format litgpt (the fused qkv is quantized whole, before --format hf "
-                         "splits it); merge to lit_model.pth and convert it with `litgpt convert_from_litgpt`")
-    merged = dtype or lora_dtype(run)
-    adapter = read_litgpt_adapter(run, merged)
-    if fmt == "hf":
-        view, adapter = hf_view(base, adapter, merged, run.companions(base))
-    else:
-        view = litgpt_view(base, adapter, merged, trained_on)
-    job = make_plan(view, [(adapter, 1.0)], out_dir, budget=budget, baseline=baseline, disk_free=disk_free,
-                    max_shard_size=max_shard_size, dtype=merged, quantize=quantize)
-    if fmt == "hf":
-        return job
-    shard = Shard(MODEL_FILE, job.tensors)
-    return dataclasses.replace(job, shards=(shard,), disk_needed=shard.nbytes + HEADER_ALLOWANCE)

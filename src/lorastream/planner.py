@@ -19,10 +19,10 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from .adapters.lora import Adapter, LoraModule
 from .codecs import Encoding, Source
 from .codecs.bnb4 import Bnb4Encoding, RoundTripSource
+from .codecs.plain import TensorRef
 from .errors import InputError
 from .formats.hf import HFModel
 from .formats.safetensors import TensorSpec
-from .formats.tensor_ref import TensorRef
 from .memory import format_size
 
 # Models whose linear layers are GPT-2 `Conv1D` (weights stored [in, out]): the tie-breaker for square weights.

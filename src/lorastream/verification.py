@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .formats.safetensors import TensorSpec
-from .formats.tensor_ref import TensorRef
+from .codecs.plain import TensorRef
+from .engine import Progress, write_shards
+from .errors import InputError, ResourceError
+from .formats.hf import read_json
+from .formats.safetensors import TensorSpec, read_header
+from .memory import peak_rss
+from .outputs.base import PROVENANCE_FILE
+from .planner import Plan, describe_shortfall
 
 # In tolerant mode, the allowed gap per element is one rounding step of the output dtype at the element's
 # magnitude plus one at its row's largest magnitude: other tools' rounding order (PEFT rounds an embedding
@@ -146,3 +153,30 @@ class VerifyReport:
         return {"ok": self.ok, "tensors": [c.to_json() for c in self.checks], "unexpected": self.unexpected,
                 "peak_rss": self.peak_rss, "budget": self.budget}
 
+
+
+def compare(job: Plan, stored: dict[str, TensorRef], exact: bool, progress: Progress | None) -> VerifyReport:
+    """Run the plan's merge into comparators against `stored` (the merged checkpoint's tensors)."""
+    if not job.memory.fits:
+        raise ResourceError(describe_shortfall(job) or "not enough memory")
+    checks: dict[str, TensorCheck] = {}
+    write_shards(job, lambda shard: Comparator(shard.specs, stored, checks, exact), progress or (lambda _n: None),
+                 allow_nonfinite=True)
+    return VerifyReport(list(checks.values()), sorted(set(stored) - set(checks)), peak_rss(), job.memory.budget)
+
+
+def safetensors_tensors(folder: Path) -> dict[str, TensorRef]:
+    """The tensors of every safetensors file in a merged folder."""
+    stored: dict[str, TensorRef] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        stored.update(read_header(path).tensors)
+    if not stored:
+        raise InputError(f"{folder}: no safetensors files to verify")
+    return stored
+
+
+def recorded_options(merged: Path, names: tuple[str, ...]) -> dict[str, Any]:
+    """The options `names` a merged folder's lorastream.json records (those set), for `verify` to reuse."""
+    record = merged / PROVENANCE_FILE
+    options = read_json(record).get("options", {}) if record.is_file() else {}
+    return {n: options[n] for n in names if isinstance(options, dict) and options.get(n) is not None}

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
+from ..codecs.plain import TensorRef
 from ..errors import InputError
 from ..formats.litgpt import HYPERPARAMETERS_FILE, Attention, LoraRun
 from ..formats.stored_rows import slice_rows
-from ..formats.tensor_ref import TensorRef
 from .lora import Adapter, LoraModule
 
 QKV_MODULES = (".attn.qkv", ".attn.attn")  # current layout, legacy layout (litgpt <= 0.5.4)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.tensor_ref import TensorRef
+from ..codecs.plain import TensorRef
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..codecs.plain import TensorRef
 from ..errors import InputError
 from ..formats.hf import read_json
 from ..formats.safetensors import read_header
-from ..formats.tensor_ref import TensorRef
 from ..formats.torchzip import read_state_dict
 from .lora import Adapter, LoraModule
 

@@ -18,9 +18,10 @@ from typing import Protocol
 import torch
 
 from ..device import CPU
-from ..formats.tensor_ref import TensorRef
+from ..errors import InputError
 from .bnb4 import QUANT_STATE_PREFIX, SIDECARS, Bnb4Encoding, bnb4_source
 from .int8 import Int8Encoding, int8_source
+from .plain import TensorRef
 
 Encoding = Bnb4Encoding | Int8Encoding
 
@@ -81,3 +82,16 @@ def group_sources(tensors: dict[str, TensorRef], int8_dtype: torch.dtype) -> dic
             sources.pop(name)
             sources.pop(f"{module}.weight_format", None)
     return sources
+
+
+def encoding_for(name: str | None, double_quant: bool | None, compute_dtype: torch.dtype,
+                 option: str = "--quantize") -> Encoding | None:
+    """The encoding `--quantize` (or `--trained-on`, 4-bit only) names; double quantization is on for nf4
+    unless `double_quant` says otherwise; `compute_dtype` is the one a 4-bit layer computes in."""
+    if name is None:
+        return None
+    if name == "int8" and option == "--quantize":
+        return Int8Encoding()
+    if name not in ("nf4", "fp4"):
+        raise InputError(f"{option} {name!r}: expected nf4 or fp4" + (" or int8" if option == "--quantize" else ""))
+    return Bnb4Encoding(name, name == "nf4" if double_quant is None else double_quant, compute_dtype)

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..device import CPU
+from ..dtypes import FLOAT_DTYPES
 from ..errors import InputError
-from ..formats.tensor_ref import TensorRef
 from .geometry import SameGeometry
+from .plain import TensorRef
 
 if TYPE_CHECKING:
     from . import Source
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 QUANT_STATE_PREFIX = "weight.quant_state.bitsandbytes__"
 # Sidecar tensors stored beside `<module>.weight`, relative to the module.
 SIDECARS = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def bnb4_source(module: str, tensors: dict[str, TensorRef], state_ref: TensorRef
     try:
         quant_type, blocksize = str(state["quant_type"]), int(state["blocksize"])  # type: ignore[arg-type]
         shape = tuple(int(d) for d in state["shape"])  # type: ignore[union-attr]
-        dtype = _DTYPES[str(state["dtype"]).removeprefix("torch.")]
+        dtype = FLOAT_DTYPES[str(state["dtype"]).removeprefix("torch.")]
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{where}: quant state lacks or garbles {exc}") from exc
     if quant_type not in ("nf4", "fp4") or blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
@@ -283,10 +283,10 @@ class Bnb4Encoding:
             specs += [(f"{name}.nested_absmax", torch.float32, (math.ceil(blocks / NESTED_BLOCKSIZE),)),
                       (f"{name}.nested_quant_map", torch.float32, (256,))]
         specs.append((f"{name}.quant_state.bitsandbytes__{self.quant_type}", torch.uint8,
-                      (len(self._state_json(shape, None)),)))
+                      (len(self.state_json(shape, None)),)))
         return specs
 
-    def _state_json(self, shape: tuple[int, ...], offset: float | None) -> bytes:
+    def state_json(self, shape: tuple[int, ...], offset: float | None) -> bytes:
         """bitsandbytes' quant state JSON; its length is fixed before the offset is known by padding with
         spaces (JSON whitespace) to the longest float repr."""
         state: dict[str, object] = {"quant_type": self.quant_type, "blocksize": self.blocksize,
@@ -374,7 +374,7 @@ class Bnb4Encoder:
             tensors = [codes, self._code, nested_absmax, dynamic_map()]
         else:
             tensors = [absmax, self._code]
-        state = self.encoding._state_json(self.shape, offset)
+        state = self.encoding.state_json(self.shape, offset)
         return [tensor_bytes(t) for t in tensors] + [state]
 
 

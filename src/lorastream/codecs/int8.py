@@ -14,9 +14,9 @@ import torch
 
 from ..device import CPU
 from ..errors import InputError
-from ..formats.tensor_ref import TensorRef
 from .bnb4 import tensor_bytes
 from .geometry import SameGeometry
+from .plain import TensorRef
 
 INV_127 = 7.874015718698502e-3
 

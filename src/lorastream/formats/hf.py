@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from ..codecs import Source, group_sources
+from ..codecs.plain import TensorRef
+from ..dtypes import config_dtype
 from ..errors import InputError
 from .safetensors import read_header
-from .tensor_ref import TensorRef
 from .torchzip import read_state_dict
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -21,8 +22,6 @@ SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".index.json")
-
-_CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,15 @@ def read_json(path: Path) -> Any:
         raise InputError(f"{path}: not valid JSON ({exc})") from exc
 
 
+def _own_storage(folder: Path) -> list[Path]:
+    """Where a model folder's files may live: in it, and for a Hugging Face cache snapshot
+    (`models--org--name/snapshots/<commit>/`, whose files link to `../../blobs/`) in its repo's blobs."""
+    root = folder.resolve()
+    if isinstance(root, Path) and root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        return [root, root.parent.parent / "blobs"]
+    return [root]
+
+
 def _index_files(folder: Path, index_path: Path) -> list[Path]:
     """The weight files an index names, each confined to `folder`."""
     index = read_json(index_path)
@@ -58,12 +66,12 @@ def _index_files(folder: Path, index_path: Path) -> list[Path]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError(f"{index_path}: expected a non-empty 'weight_map' object")
     files: list[Path] = []
-    root = folder.resolve()
+    roots = _own_storage(folder)
     for name, filename in weight_map.items():
         if not isinstance(filename, str):
             raise InputError(f"{index_path}: tensor {name!r} maps to {filename!r}, expected a file name")
         path = (folder / filename).resolve()
-        if not path.is_relative_to(root):
+        if not any(path.is_relative_to(root) for root in roots):
             raise InputError(f"{index_path}: tensor {name!r} points outside the model folder ({filename!r})")
         if not path.is_file():
             raise InputError(f"{index_path}: tensor {name!r} is in {filename!r}, which does not exist")
@@ -100,7 +108,7 @@ def open_hf_model(folder: Path) -> HFModel:
             tensors[name] = ref
     companions = tuple(sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                               and p.name != "config.json" and not p.name.endswith(WEIGHT_SUFFIXES)))
-    dense = _CONFIG_DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float16", torch.float16)
+    dense = config_dtype(config, torch.float16)
     sources = group_sources(tensors, dense)
     check_config_matches(folder / "config.json", config, sources)
     return HFModel(folder, config, tensors, sources, fmt, tuple(files), companions)

@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
+from ..codecs.plain import TensorRef
 from ..errors import InputError
 from .hf import HFModel
-from .tensor_ref import TensorRef
 from .torchzip import read_state_dict
 
 MODEL_FILE = "lit_model.pth"

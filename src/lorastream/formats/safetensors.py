@@ -19,26 +19,11 @@ from pathlib import Path
 
 import torch
 
+from ..codecs.plain import TensorRef
+from ..dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES
 from ..errors import InputError
-from ..storage import Location, RemoteFile, RemotePath
-from .atomic import AtomicFile
-from .tensor_ref import TensorRef
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+from ..io.atomic import AtomicFile
+from ..io.locations import Location, RemoteFile, RemotePath
 
 # Headers larger than this are refused before allocation (the reference implementation uses 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -99,7 +84,7 @@ def read_header(path: Path) -> SafetensorsFile:
 def _parse_entry(path: Path, name: str, info: object) -> tuple[str, int, int, torch.dtype, tuple[int, ...]]:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise InputError(f"{path}: tensor {name!r}: expected keys dtype, shape, data_offsets")
-    dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
     if dtype is None:
         raise InputError(f"{path}: tensor {name!r}: unsupported dtype {info['dtype']!r}")
     shape, offsets = info["shape"], info["data_offsets"]
@@ -132,7 +117,7 @@ def encode_header(specs: Iterable[TensorSpec], metadata: dict[str, str]) -> byte
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for spec in specs:
-        header[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+        header[spec.name] = {"dtype": SAFETENSORS_NAMES[spec.dtype], "shape": list(spec.shape),
                              "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

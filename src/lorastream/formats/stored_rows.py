@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from ..codecs.plain import TensorRef
 from ..device import CPU
 from ..errors import InputError
-from .tensor_ref import TensorRef
 
 
 def slice_rows(ref: TensorRef, start: int, stop: int) -> TensorRef:

@@ -18,21 +18,9 @@ from typing import Any
 
 import torch
 
+from ..codecs.plain import TensorRef
+from ..dtypes import STORAGE_DTYPES
 from ..errors import InputError
-from .tensor_ref import TensorRef
-
-_STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
 
 
 class _Sealed:
@@ -117,8 +105,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._archive, self._prefix, self._path = archive, prefix, path
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(_STORAGE_DTYPES[name])
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(STORAGE_DTYPES[name])
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         raise InputError(f"{self._path}: the pickle calls {module}.{name}, which is not tensor rebuilding; "

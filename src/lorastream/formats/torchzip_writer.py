@@ -21,16 +21,15 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import STORAGE_NAMES
 from ..errors import InputError
-from .atomic import AtomicFile
+from ..io.atomic import AtomicFile
 from .crc32 import Checksummer, crc32_combine
 from .safetensors import TensorSpec
-from .torchzip import _STORAGE_DTYPES
 
 ALIGNMENT = 64
 # Sizes and offsets from this value on need zip64 fields (a module constant so tests can lower it).
 ZIP64_LIMIT = 0xFFFFFFFF
-_STORAGE_NAMES = {dtype: name for name, dtype in _STORAGE_DTYPES.items()}
 _UTF8 = 0x0800
 _DESCRIPTOR = 0x0008
 
@@ -39,9 +38,9 @@ class _StorageRecord:
     """Stands for one tensor's storage in the pickle; becomes a persistent id, as torch.save writes it."""
 
     def __init__(self, key: str, spec: TensorSpec):
-        if spec.dtype not in _STORAGE_NAMES:
+        if spec.dtype not in STORAGE_NAMES:
             raise InputError(f"tensor {spec.name!r}: {spec.dtype} cannot be written to a torch checkpoint here")
-        self.persistent_id = ("storage", getattr(torch, _STORAGE_NAMES[spec.dtype]), key, "cpu",
+        self.persistent_id = ("storage", getattr(torch, STORAGE_NAMES[spec.dtype]), key, "cpu",
                               spec.nbytes // spec.dtype.itemsize)
 
 

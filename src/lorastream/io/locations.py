@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from .errors import InputError, LorastreamError
+from ..errors import InputError, LorastreamError
 
 # One ranged request reads at most this much: the transient copy a remote read makes on top of the
 # engine's own buffer (fsspec returns a fresh `bytes`, the HTTP client may hold one more).
@@ -275,6 +275,14 @@ def fingerprint(path: Location) -> tuple[int, int | str]:
         return path.stat().st_size, path.checksum()
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns
+
+
+def disk_free(out_dir: Location) -> int:
+    """Free space where `out_dir` is written; an object store has no such limit."""
+    if isinstance(out_dir, RemotePath):
+        return NO_DISK_LIMIT
+    probe = next((p for p in (out_dir, *out_dir.parents) if p.exists()), Path("/"))
+    return shutil.disk_usage(probe).free
 
 
 def copy_file(source: Location, target: Location) -> None:

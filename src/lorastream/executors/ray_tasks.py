@@ -11,6 +11,7 @@ rerun does not race them). Tasks whose worker dies (killed, out of memory, node 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,12 +19,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .engine import Progress, write_shards
-from .errors import InputError, LorastreamError, ResourceError, WorkerError
-from .memory import format_size
-from .planner import Plan, describe_shortfall
-from .staging import Staging
-from .storage import location
+from ..engine import Progress, write_shards
+from ..errors import InputError, LorastreamError, ResourceError, WorkerError
+from ..inputs import hf as hf_input
+from ..io.locations import Location, location
+from ..io.staging import Staging
+from ..memory import format_size
+from ..options import MergeOptions
+from ..outputs import writer
+from ..outputs.base import Output
+from ..planner import describe_shortfall
 
 # Attempts after the first when a task's worker dies; an error the task raises itself is not retried.
 MAX_RETRIES = 3
@@ -99,17 +104,15 @@ class ShardJob:
     base: str
     adapters: tuple[str, ...]
     out_dir: str
-    options: dict[str, Any]  # `api.plan` keyword arguments; max_memory is the driver's budget, in bytes
+    options: MergeOptions  # max_memory is the driver's budget, in bytes
     staging: str
-    metadata: dict[str, str]
-    allow_nonfinite: bool
+    record: dict[str, Any]
+    writer: str
 
 
 def write_shard(job: ShardJob, index: int, expected: tuple[str, int]) -> tuple[str, int, int]:
     """In a Ray worker: plan the merge again, write shard `index` into the staging folder, return its record."""
-    from . import api
-
-    plan = api.plan(job.base, list(job.adapters), job.out_dir, **job.options)
+    plan = hf_input.plan(job.base, list(job.adapters), job.out_dir, job.options)
     if not plan.memory.fits:  # the disk was checked by the driver; here it is filling with other shards
         raise ResourceError(f"on this Ray node: {describe_shortfall(plan)}")
     shard = plan.shards[index] if index < len(plan.shards) else None
@@ -120,16 +123,25 @@ def write_shard(job: ShardJob, index: int, expected: tuple[str, int]) -> tuple[s
     if isinstance(staging, Path) and not staging.is_dir():
         raise InputError(f"{staging}: the staging folder is not visible on this Ray node; -o must be on a "
                          "filesystem every node shares")
+    sink = writer(job.writer)
     committed: list[tuple[str, int, int]] = []
-    write_shards(plan, api.shard_opener(staging, job.metadata), lambda _n: None,
+    write_shards(plan, lambda planned: sink.open_shard(staging, planned, job.record), lambda _n: None,
                  finished={s.filename for s in plan.shards} - {shard.filename},
-                 on_committed=lambda *record: committed.append(record), allow_nonfinite=job.allow_nonfinite)
+                 on_committed=lambda *record: committed.append(record), allow_nonfinite=job.options.allow_nonfinite)
     return committed[0]
 
 
-def write_shards_on_ray(plan: Plan, job: ShardJob, staging: Staging, progress: Progress,
-                        address: str | None = None) -> None:
-    """The Ray counterpart of `engine.write_shards` for a merge: one task per shard not yet in the manifest."""
+def _portable(value: Location) -> str:
+    """A path a Ray worker on another machine can open: absolute, or the URL as given."""
+    return str(value.absolute())
+
+
+def write(output: Output, staging: Staging, options: MergeOptions, progress: Progress) -> None:
+    """The Ray counterpart of the local executor for one output: one task per shard not yet in the manifest."""
+    plan = output.plan
+    job = ShardJob(_portable(plan.base.path), tuple(_portable(location(a.source)) for a, _ in plan.adapters),
+                   _portable(plan.out_dir), dataclasses.replace(options, max_memory=plan.memory.budget),
+                   str(staging.path), output.record, output.writer.name)
     todo = [(i, s) for i, s in enumerate(plan.shards) if s.filename not in staging.finished()]
     progress(plan.total_size - sum(s.nbytes for _, s in todo))
 
@@ -141,4 +153,4 @@ def write_shards_on_ray(plan: Plan, job: ShardJob, staging: Staging, progress: P
         raise exc
 
     run_tasks(write_shard, [(job, i, (s.filename, s.nbytes)) for i, s in todo], [plan.memory.budget] * len(todo),
-              [s.filename for _, s in todo], record, stop, address)
+              [s.filename for _, s in todo], record, stop, options.ray_address)

@@ -18,10 +18,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .errors import InputError
-from .storage import Location, RemotePath, fingerprint
+from ..errors import InputError
+from .locations import Location, RemotePath, fingerprint
+from .remote_staging import ObjectStorePrefix
 
 MANIFEST = "lorastream-manifest.json"
 _CHUNK = 1 << 20
@@ -54,16 +55,72 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class Store(Protocol):
+    """Where a staging folder lives, and how it keeps its promises there: `LocalFolder` (rename, fsync, lock) or
+    `ObjectStorePrefix` (no rename: checksums, copies in order)."""
+
+    def prepare(self, path: Location) -> None: ...
+
+    def note(self, path: Location, filename: str) -> None: ...
+
+    def save(self, manifest_path: Location, manifest: dict[str, Any]) -> None: ...
+
+    def proves(self, path: Location, name: str, info: dict[str, Any], manifest: dict[str, Any]) -> bool: ...
+
+    def discard(self, path: Location) -> None: ...
+
+    def promote(self, path: Location, out_dir: Location, shards: set[str], last: Sequence[str]) -> None: ...
+
+
+class LocalFolder:
+    """A staging folder on a local disk: the manifest replaced atomically, shards proven by size and CRC-32,
+    the folder renamed into place."""
+
+    def prepare(self, path: Path) -> None:
+        path.mkdir(exist_ok=True)
+
+    def note(self, path: Path, filename: str) -> None:
+        """Nothing to note: the CRC-32 the engine computed is the proof."""
+
+    def save(self, manifest_path: Path, manifest: dict[str, Any]) -> None:
+        temp = manifest_path.parent / f".{manifest_path.name}.partial"
+        temp.write_text(json.dumps(manifest, indent=2))
+        with temp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, manifest_path)
+        _fsync_dir(manifest_path.parent)
+
+    def proves(self, path: Path, name: str, info: dict[str, Any], manifest: dict[str, Any]) -> bool:
+        """Whether shard `name` still holds what the manifest says was committed."""
+        shard = path / name
+        return shard.is_file() and shard.stat().st_size == info.get("size") and file_crc32(shard) == info.get("crc32")
+
+    def discard(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def promote(self, path: Path, out_dir: Path, shards: set[str], last: Sequence[str]) -> None:
+        """Replace `out_dir` by the complete staging folder; an old output is removed only afterwards."""
+        old = out_dir.parent / f".{out_dir.name}.lorastream-old"
+        if old.exists():
+            shutil.rmtree(old)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(path, out_dir)
+        _fsync_dir(out_dir.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @dataclass
 class Staging:
-    """A locked staging folder and its manifest of finished shards."""
+    """A locked staging folder and its manifest of finished shards, kept where `store` says."""
 
-    path: Path
+    path: Location
     job: str
+    store: Store = field(default_factory=LocalFolder)
     shards: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
-    def manifest_path(self) -> Path:
+    def manifest_path(self) -> Location:
         return self.path / MANIFEST
 
     def finished(self) -> set[str]:
@@ -72,18 +129,14 @@ class Staging:
     def record(self, filename: str, size: int, crc32: int) -> None:
         """Note a committed shard (size and CRC-32), atomically; called on the writer thread (or, for Ray, the
         driver as tasks report, in any order: kept sorted, so the record is the same however it was written)."""
+        self.store.note(self.path, filename)
         self.shards = dict(sorted({**self.shards, filename: {"size": size, "crc32": crc32}}.items()))
         self._save()
 
     def _save(self) -> None:
-        temp = self.path / f".{MANIFEST}.partial"
-        temp.write_text(json.dumps({"job": self.job, "shards": self.shards}, indent=2))
-        with temp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, self.manifest_path)
-        _fsync_dir(self.path)
+        self.store.save(self.manifest_path, {"job": self.job, "shards": self.shards})
 
-    def _resume(self, overwrite: bool) -> None:
+    def resume(self, overwrite: bool) -> None:
         """Keep the shards a previous run of this job finished and can still prove; drop everything else."""
         try:
             manifest = json.loads(self.manifest_path.read_text())
@@ -95,33 +148,28 @@ class Staging:
         kept: dict[str, dict[str, int]] = {}
         if isinstance(manifest, dict) and manifest.get("job") == self.job:
             for name, info in (manifest.get("shards") or {}).items():
-                if isinstance(info, dict) and self._proves(str(name), info, manifest):
+                if isinstance(info, dict) and self.store.proves(self.path, str(name), info, manifest):
                     kept[str(name)] = info
         for entry in self.path.iterdir():
             if entry.name not in kept and entry.name != MANIFEST:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()  # type: ignore[arg-type]
         self.shards = kept
         self._save()
 
-    def _proves(self, name: str, info: dict[str, Any], manifest: dict[str, Any]) -> bool:
-        """Whether shard `name` still holds what the manifest says was committed."""
-        shard = self.path / name
-        return shard.is_file() and shard.stat().st_size == info.get("size") and file_crc32(shard) == info.get("crc32")
-
     def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.store.discard(self.path)
 
-    def promote(self, out_dir: Path) -> None:
-        """Replace `out_dir` by the complete staging folder; an old output is removed only afterwards."""
+    def promote(self, out_dir: Location, last: Sequence[str] = ()) -> None:
+        """Put the complete staging folder in place of `out_dir`; `last` names the files a loader takes as
+        the sign of a complete model, put in place after the others where that is not one rename."""
         self.manifest_path.unlink()
-        old = out_dir.parent / f".{out_dir.name}.lorastream-old"
-        if old.exists():
-            shutil.rmtree(old)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(self.path, out_dir)
-        _fsync_dir(out_dir.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        self.store.promote(self.path, out_dir, set(self.shards), last)
+
+    def promote_file(self, name: str, target: Path) -> None:
+        """Put the staged file `name` in place of `target` (a single-file output beside its inputs)."""
+        os.replace(self.path / name, target)  # type: ignore[operator]
+        _fsync_dir(target.parent)
+        shutil.rmtree(self.path)  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -130,17 +178,13 @@ def staging_for(out_dir: Location, job: str, overwrite: bool) -> Iterator[Stagin
 
     A failure removes the staging folder; an interruption (Ctrl-C, SIGTERM) keeps it, so the same command
     resumes. The lock is released when the process ends, however it ends. A remote OUT stages under a
-    sibling prefix (see `remote_staging`).
+    sibling prefix (`ObjectStorePrefix`, see `remote_staging`).
     """
     with _output_lock(out_dir):
-        if isinstance(out_dir, RemotePath):
-            from .remote_staging import RemoteStaging  # it builds on Staging
-
-            staging: Staging = RemoteStaging(out_dir.parent / f".{out_dir.name}.lorastream-partial", job)
-        else:
-            staging = Staging(out_dir.parent / f".{out_dir.name}.lorastream-partial", job)
-            staging.path.mkdir(exist_ok=True)
-        staging._resume(overwrite)
+        store: Store = ObjectStorePrefix() if isinstance(out_dir, RemotePath) else LocalFolder()
+        staging = Staging(out_dir.parent / f".{out_dir.name}.lorastream-partial", job, store)
+        store.prepare(staging.path)
+        staging.resume(overwrite)
         try:
             yield staging
         except KeyboardInterrupt:
@@ -171,6 +215,6 @@ def _output_lock(out_dir: Location) -> Iterator[None]:
         os.close(lock_fd)
 
 
-def promote(staging: Staging, out_dir: Location) -> None:
+def promote(staging: Staging, out_dir: Location, last: Sequence[str] = ()) -> None:
     """Put the complete staging folder in place of `out_dir` (see `Staging.promote`)."""
-    staging.promote(out_dir)  # type: ignore[arg-type]
+    staging.promote(out_dir, last)

@@ -14,7 +14,7 @@ import torch
 
 from ..device import CPU
 from ..errors import InputError
-from ..storage import Location, RemotePath
+from ..io.locations import Location, RemotePath
 
 
 @dataclass(frozen=True)

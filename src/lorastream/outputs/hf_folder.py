@@ -1,31 +1,20 @@
-"""What an output folder holds besides its weight shards (which come from the engine): the index, the
-updated config, the files that travel with a model (tokenizer, generation config), and the record of what
-produced it."""
+"""The Hugging Face folder writer (`--format hf`): safetensors shards, then the index, the updated config, the
+files that travel with a model (tokenizer, generation config), and the record of what produced it."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-import torch
-
-from .codecs import Encoding
-from .codecs.bnb4 import Bnb4Encoding
-from .errors import InputError
-from .formats.hf import SAFETENSORS_INDEX
-from .planner import Plan, skip_modules
-from .storage import Location, copy_file
-
-PROVENANCE_FILE = "lorastream.json"
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-
-
-def check_destination(out_dir: Location, overwrite: bool) -> None:
-    """Refuse to replace an existing non-empty folder unless asked to."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError(f"{out_dir}: folder exists and is not empty; pass --overwrite to replace it")
+from ..codecs import Encoding
+from ..codecs.bnb4 import Bnb4Encoding
+from ..dtypes import dtype_name
+from ..engine import ShardSink
+from ..formats.hf import SAFETENSORS_INDEX
+from ..formats.safetensors import ShardWriter
+from ..io.locations import Location, copy_file
+from ..planner import Plan, Shard, skip_modules
+from .base import PROVENANCE_FILE, safetensors_metadata, write_provenance
 
 
 def write_companions(plan: Plan, folder: Location, record: dict[str, Any]) -> None:
@@ -41,12 +30,12 @@ def write_companions(plan: Plan, folder: Location, record: dict[str, Any]) -> No
     if plan.dtype is not None:
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
-                config[key] = _DTYPE_NAMES[plan.dtype]
+                config[key] = dtype_name(plan.dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for path in plan.base.companion_files:
         if path.name != PROVENANCE_FILE:
             copy_file(path, folder / path.name)
-    (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_provenance(folder, record)
 
 
 def quantization_config(encoding: Encoding, skips: list[str]) -> dict[str, Any]:
@@ -61,5 +50,18 @@ def quantization_config(encoding: Encoding, skips: list[str]) -> dict[str, Any]:
     }
     if isinstance(encoding, Bnb4Encoding):
         config.update(bnb_4bit_quant_type=encoding.quant_type, bnb_4bit_use_double_quant=encoding.double_quant,
-                      bnb_4bit_compute_dtype=_DTYPE_NAMES[encoding.compute_dtype])
+                      bnb_4bit_compute_dtype=dtype_name(encoding.compute_dtype))
     return config
+
+
+class HFFolder:
+    """`--format hf`: safetensors shards and the files of a Hugging Face model folder."""
+
+    name = "hf"
+    last = (SAFETENSORS_INDEX, "config.json")
+
+    def open_shard(self, folder: Location, shard: Shard, record: dict[str, Any]) -> ShardSink:
+        return ShardWriter(folder / shard.filename, shard.specs, safetensors_metadata(record))
+
+    def finish(self, plan: Plan, folder: Location, record: dict[str, Any]) -> None:
+        write_companions(plan, folder, record)
