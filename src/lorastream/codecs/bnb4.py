@@ -109,18 +109,8 @@ class Bnb4Source:
             raise AssertionError(f"{self.name}: row block {start} is not aligned to {self.blocksize}-value blocks")
         raw = _read_bytes(self.packed, first // 2, (count + 1) // 2, buffer).to(device)
         absmax = self._absmax(first // self.blocksize, math.ceil(count / self.blocksize)).to(device)
-        return kernels.decode_4bit(raw, self._pairs, absmax, self.blocksize, count, self.dtype).view(stop - start,
-                                                                                                       cols)
-
-    @cached_property
-    def _pairs(self) -> torch.Tensor:
-        return code_pairs(self._code)
-
-
-def code_pairs(code: torch.Tensor) -> torch.Tensor:
-    """code[high nibble], code[low nibble] of every byte value: a [256, 2] table."""
-    byte = torch.arange(256)
-    return torch.stack((code[byte >> 4], code[byte & 0xF]), dim=1)
+        return kernels.decode_4bit(raw, self._code, absmax, self.blocksize, count, self.dtype).view(stop - start,
+                                                                                                      cols)
 
 
 def _read_bytes(ref: TensorRef, first_byte: int, count: int, buffer: memoryview) -> torch.Tensor:
@@ -429,7 +419,7 @@ class RoundTripSource(SameGeometry):
         quantizer.quantize(values, packed)
         first_block = start * self.row_elements // self.encoding.blocksize
         blocks = math.ceil(values.numel() / self.encoding.blocksize)
-        decoded = kernels.decode_4bit(packed, code_pairs(quantizer.code).to(device),
+        decoded = kernels.decode_4bit(packed, quantizer.code.to(device),
                                       absmax[first_block:first_block + blocks].to(device), self.encoding.blocksize,
                                       values.numel(), self.inner.dense_dtype)
         return decoded.to(self.dtype).view(values.shape)

@@ -46,19 +46,25 @@ def _host(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
-def decode_4bit(packed: torch.Tensor, pairs: torch.Tensor, absmax: torch.Tensor, blocksize: int, count: int,
+def decode_4bit(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int, count: int,
                 dtype: torch.dtype) -> torch.Tensor:
-    """`count` values from packed nibbles: `(code[nibble] * absmax[i // blocksize]).to(dtype)` in float32,
-    `pairs[b]` being the codes of byte b's high and low nibbles ([256, 2] float32)."""
+    """`count` values from packed nibbles (high nibble first): `(code[nibble] * absmax[i // blocksize]).to(dtype)`
+    in float32."""
     kernels = compiled()
     if kernels is None or not _host(packed):
-        values = pairs.to(packed.device)[packed.long()].view(-1)[:count]  # one lookup gives both nibbles
+        values = _code_pairs(code.to(packed.device))[packed.long()].view(-1)[:count]  # both nibbles at once
         return scale_blocks(values, absmax, blocksize).to(dtype)
     out = torch.empty(count, dtype=dtype)
     bits = out if dtype == torch.float32 else out.view(torch.int16)
-    kernels.decode_4bit(packed.numpy(), pairs.numpy(), absmax.numpy(), blocksize, count, bits.numpy(),
+    kernels.decode_4bit(packed.numpy(), code.numpy(), absmax.numpy(), blocksize, count, bits.numpy(),
                         _MODES[dtype])
     return out
+
+
+def _code_pairs(code: torch.Tensor) -> torch.Tensor:
+    """code[high nibble], code[low nibble] of every byte value: a [256, 2] table."""
+    byte = torch.arange(256, device=code.device)
+    return torch.stack((code[byte >> 4], code[byte & 0xF]), dim=1)
 
 
 def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:

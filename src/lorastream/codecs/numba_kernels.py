@@ -91,19 +91,22 @@ def _store(out, index, value, mode):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def decode_4bit(packed, pairs, absmax, blocksize, count, out, mode):  # type: ignore[no-untyped-def]
-    """out[i] = cast(code[nibble i] * absmax[i // blocksize]) for i < count, the high nibble first;
-    `pairs[b]` holds the float32 codes of byte b's two nibbles."""
+def decode_4bit(packed, code, absmax, blocksize, count, out, mode):  # type: ignore[no-untyped-def]
+    """out[i] = cast(code[nibble i] * absmax[i // blocksize]) for i < count, the high nibble of a byte first.
+    A block's 16 possible results are computed (and cast) once; its values are then looked up."""
+    table = np.empty(16, out.dtype)
     for block in range(absmax.shape[0]):
         scale = absmax[block]
-        first = block * blocksize
+        for k in range(16):
+            _store(table, k, code[k] * scale, mode)
+        first = block * blocksize  # even: blocksize is
         stop = min(first + blocksize, count)
-        for i in range(first, stop - 1, 2):
-            byte = packed[i >> 1]
-            _store(out, i, pairs[byte, 0] * scale, mode)
-            _store(out, i + 1, pairs[byte, 1] * scale, mode)
-        if (stop - first) % 2:  # a block of odd length (the tensor's last): its last value is a high nibble
-            _store(out, stop - 1, pairs[packed[(stop - 1) >> 1], 0] * scale, mode)
+        for i in range(first >> 1, stop >> 1):
+            byte = packed[i]
+            out[2 * i] = table[byte >> 4]
+            out[2 * i + 1] = table[byte & 15]
+        if stop % 2:  # the tensor ends on a high nibble
+            out[stop - 1] = table[packed[stop >> 1] >> 4]
 
 
 @_jit
