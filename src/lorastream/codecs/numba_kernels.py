@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")  # IEEE division: x / 0 = inf
 
 
 @intrinsic
@@ -168,9 +168,8 @@ def quantize_int8(values, quantized, row_stats):  # type: ignore[no-untyped-def]
         for col in range(cols):
             peak = max(peak, abs(_from_float16(_to_float16(values[row, col]))))
         row_stats[row] = peak
-        if peak == 0:  # torch computes 0 * inf = NaN there, which it casts to 0
-            quantized[row, :] = 0
-            continue
         factor = (np.float32(1.0) / peak) * np.float32(127.0)
         for col in range(cols):
-            quantized[row, col] = np.int8(np.rint(_from_float16(_to_float16(values[row, col])) * factor))
+            scaled = _from_float16(_to_float16(values[row, col])) * factor
+            # torch casts NaN (0 * inf: a zero row, or inf in a row) to 0
+            quantized[row, col] = np.int8(0) if scaled != scaled else np.int8(np.rint(scaled))
