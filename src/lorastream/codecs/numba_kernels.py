@@ -95,7 +95,7 @@ def decode_4bit(packed, code, absmax, blocksize, count, out, mode):  # type: ign
     """out[i] = cast(code[nibble i] * absmax[i // blocksize]) for i < count, the high nibble of a byte first.
     A block's 16 possible results are computed (and cast) once; its values are then looked up."""
     table = np.empty(16, out.dtype)
-    for block in range(absmax.shape[0]):
+    for block in range((count + blocksize - 1) // blocksize):
         scale = absmax[block]
         for k in range(16):
             _store(table, k, code[k] * scale, mode)
