@@ -80,8 +80,9 @@ class Bnb4Source:
         return self.blocksize // math.gcd(self.row_elements, self.blocksize)
 
     # packed nibbles (0.5), their int64 indices (8), the looked-up code values and products (4 + 4),
-    # the absmax expanded per element (4), the cast result (up to 4)
+    # the absmax expanded per element (4), the cast result (up to 4): the torch path's temporaries
     decode_bytes_per_element = 25
+    uses_kernels = True
 
     @cached_property
     def _code(self) -> torch.Tensor:
@@ -361,6 +362,7 @@ class RoundTripSource(SameGeometry):
     encoding: Bnb4Encoding
     round_to: torch.dtype | None = None
     _absmax: torch.Tensor | None = None
+    uses_kernels = True
 
     @property
     def _geometry(self) -> Source:
