@@ -26,6 +26,10 @@ With ``--nf4`` (built only on request, after and apart from the above, which it 
     ``hf-base`` quantized to bitsandbytes NF4 by transformers on the CPU (double quantization, bf16 compute
     dtype; ``lm_head`` and the embeddings stay bf16, as transformers leaves them), saved with
     ``save_pretrained``, plus the tokenizer files of ``hf-base``. This is the checkpoint a QLoRA user has.
+``litgpt-qlora/``
+    ``litgpt-lora/`` as a QLoRA run: the same adapter (the ``lit_model.pth.lora`` file hard-linked), with
+    ``quantize: bnb.nf4`` in ``hyperparameters.yaml`` (``litgpt finetune lora --quantize bnb.nf4``).
+    ``litgpt merge_lora`` merges it into the dense base; an NF4 build from before it existed gets it added.
 ``nf4-manifest.json``
     Its quantization settings and size; written last, so its presence marks a complete NF4 build.
 
@@ -429,9 +433,26 @@ def write_extra_adapters(size: str, workdir: Path, seed: int) -> None:
 
 
 def nf4_dirs(workdir: Path, size: str) -> dict[str, Path]:
-    """The folder and marker file of one size's NF4 build (see the module docstring)."""
+    """The folders and marker file of one size's NF4 build (see the module docstring)."""
     root = workdir / size
-    return {"hf_nf4": root / "hf-nf4", "manifest": root / "nf4-manifest.json"}
+    return {"hf_nf4": root / "hf-nf4", "litgpt_qlora": root / "litgpt-qlora", "manifest": root / "nf4-manifest.json"}
+
+
+def write_litgpt_qlora(litgpt_lora: Path, folder: Path) -> None:
+    """The LitGPT run as QLoRA trains it (``quantize: bnb.nf4``); ``hyperparameters.yaml`` is written last."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for path in sorted(litgpt_lora.iterdir()):
+        if path.name in ("hyperparameters.yaml", "lit_model.pth"):  # lit_model.pth: a merge_lora result
+            continue
+        try:
+            (folder / path.name).hardlink_to(path)
+        except OSError:
+            shutil.copy2(path, folder / path.name)
+    hparams = yaml.safe_load((litgpt_lora / "hyperparameters.yaml").read_text())
+    hparams.update(out_dir=str(folder.parent), quantize="bnb.nf4")
+    (folder / "hyperparameters.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
 
 
 def write_hf_nf4(hf_base: Path, folder: Path) -> None:
@@ -455,19 +476,26 @@ def build_nf4(size: str, workdir: Path, seed: int = 0, shard_bytes: int | None =
     build(size, workdir, seed, shard_bytes, force)
     dirs = nf4_dirs(workdir, size)
     if dirs["manifest"].is_file() and not force:
-        return json.loads(dirs["manifest"].read_text())
+        manifest = json.loads(dirs["manifest"].read_text())
+        if "litgpt_qlora" not in manifest:  # a build from before the QLoRA run
+            write_litgpt_qlora(model_dirs(workdir, size)["litgpt_lora"], dirs["litgpt_qlora"])
+            manifest["litgpt_qlora"] = str(dirs["litgpt_qlora"])
+            dirs["manifest"].write_text(json.dumps(manifest, indent=2) + "\n")
+        return manifest
     dirs["manifest"].unlink(missing_ok=True)
     if dirs["hf_nf4"].exists():
         shutil.rmtree(dirs["hf_nf4"])
     started = time.monotonic()
     print(f"[make_models] {size}: quantizing to NF4 -> {dirs['hf_nf4']}", flush=True)
     write_hf_nf4(model_dirs(workdir, size)["hf_base"], dirs["hf_nf4"])
+    write_litgpt_qlora(model_dirs(workdir, size)["litgpt_lora"], dirs["litgpt_qlora"])
     manifest: dict[str, object] = {
         "size": size,
         "quantization": {**NF4_SETTINGS, "bnb_4bit_compute_dtype": "bfloat16"},
         "nf4_bytes": sum(p.stat().st_size for p in dirs["hf_nf4"].glob("*.safetensors")),
         "build_seconds": round(time.monotonic() - started, 1),
         "dir": str(dirs["hf_nf4"]),
+        "litgpt_qlora": str(dirs["litgpt_qlora"]),
     }
     dirs["manifest"].write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"[make_models] {size}: NF4 done in {manifest['build_seconds']} s", flush=True)
@@ -536,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"7b: {SHARD_BYTES['7b']})")
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     parser.add_argument("--nf4", action="store_true",
-                        help="also build hf-nf4/, the base quantized to NF4 by transformers + bitsandbytes")
+                        help="also build hf-nf4/, the base quantized to NF4 by transformers + bitsandbytes, and "
+                        "litgpt-qlora/, the LitGPT run as a QLoRA run")
     args = parser.parse_args(argv)
     for size in filter(None, (s.strip() for s in args.sizes.split(","))):
         if args.nf4:

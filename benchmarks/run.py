@@ -45,10 +45,12 @@ ROOT = HERE.parent
 TIME_BIN = Path("/usr/bin/time")
 MIB = 1024 * 1024
 TOOLS = ("cp", "cp-sync", "lorastream", "peft", "litgpt", "lorastream-litgpt", "lorastream-each4", "lorastream-nf4",
-         "peft-nf4")
+         "peft-nf4", "lorastream-to-nf4", "litgpt-qlora", "lorastream-qlora", "lorastream-qlora-nf4")
 TOOL_LABELS = {"cp": "cp -r", "cp-sync": "cp -r + sync", "lorastream": "lorastream", "peft": "PEFT",
                "litgpt": "LitGPT", "lorastream-litgpt": "lorastream LitGPT",
-               "lorastream-each4": "lorastream x4 (--each)", "lorastream-nf4": "lorastream NF4", "peft-nf4": "PEFT NF4"}
+               "lorastream-each4": "lorastream x4 (--each)", "lorastream-nf4": "lorastream NF4", "peft-nf4": "PEFT NF4",
+               "lorastream-to-nf4": "lorastream --quantize nf4", "litgpt-qlora": "LitGPT QLoRA run",
+               "lorastream-qlora": "lorastream QLoRA run", "lorastream-qlora-nf4": "lorastream QLoRA run -> NF4"}
 SIZES = ("tiny", "2gb", "8gb", "7b")
 # Adapters merged by lorastream-each4: the one every other tool merges, then make_models.py's three extra ones.
 EACH_ADAPTERS = ("peft_adapter", "peft_adapter_2", "peft_adapter_3", "peft_adapter_4")
@@ -57,8 +59,10 @@ DISK_MARGIN = 2 * 10**9
 # The README section run.py --readme regenerates, between these two lines.
 README_START = "<!-- benchmark results: written by benchmarks/run.py --readme README.md -->"
 README_END = "<!-- end of benchmark results -->"
-# Tools whose base is the NF4 checkpoint (hf-nf4/, built only when one of them is selected).
-NF4_TOOLS = ("lorastream-nf4", "peft-nf4")
+# Tools of the NF4 build (hf-nf4/ and litgpt-qlora/, built only when one of them is selected).
+NF4_TOOLS = ("lorastream-nf4", "peft-nf4", "litgpt-qlora", "lorastream-qlora", "lorastream-qlora-nf4")
+# Tools that read or write bitsandbytes 4-bit (their own lines in the results).
+QUANTIZED_TOOLS = (*NF4_TOOLS, "lorastream-to-nf4")
 # Child processes must never try to reach a model hub (there is no network here; they would hang on retries).
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -180,7 +184,7 @@ def tools_for(size: str, model: dict[str, Any], out_root: Path, paths: Paths, bu
     hf_base, adapter = Path(dirs["hf_base"]), Path(dirs["peft_adapter"])
     litgpt_base, litgpt_lora = Path(dirs["litgpt_base"]), Path(dirs["litgpt_lora"])
     each = [Path(dirs[key]) for key in EACH_ADAPTERS]
-    out = {name: out_root / f"{size}-{name}" for name in TOOLS if name != "litgpt"}
+    out = {name: out_root / f"{size}-{name}" for name in TOOLS if name not in ("litgpt", "litgpt-qlora")}
     tools = {
         "cp": Tool("cp", ["cp", "-r", str(hf_base), str(out["cp"])], [hf_base], out["cp"]),
         # The copy made durable, as lorastream's output is (it fsyncs every shard): sync FILE... fsyncs each.
@@ -223,6 +227,38 @@ def tools_for(size: str, model: dict[str, Any], out_root: Path, paths: Paths, bu
             output_bytes=len(each) * model["base_bytes"],
         ),
     }
+    # The QLoRA user's other output: the merge quantized again (NF4 with double quantization).
+    tools["lorastream-to-nf4"] = Tool(
+        "lorastream-to-nf4",
+        [str(paths.lorastream), "merge", str(hf_base), str(adapter), "-o", str(out["lorastream-to-nf4"]),
+         "--quantize", "nf4", "--max-memory", budget],
+        [hf_base, adapter],
+        out["lorastream-to-nf4"],
+        output_bytes=model["base_bytes"] // 3,
+    )
+    if "litgpt_qlora" in dirs:
+        qlora = Path(dirs["litgpt_qlora"])
+        lit_inputs = [litgpt_base / "lit_model.pth", qlora]
+        # LitGPT merges a QLoRA run into the dense base, as it merges any run.
+        tools["litgpt-qlora"] = Tool("litgpt-qlora", [str(paths.litgpt), "merge_lora", str(qlora)], lit_inputs,
+                                     qlora / "lit_model.pth")
+        # lorastream merges it into the base as training saw it, dequantize(quantize(W)) (dense lit_model.pth) ...
+        tools["lorastream-qlora"] = Tool(
+            "lorastream-qlora",
+            [str(paths.lorastream), "merge", str(qlora), "-o", str(out["lorastream-qlora"]), "--trained-on", "nf4",
+             "--max-memory", budget],
+            lit_inputs,
+            out["lorastream-qlora"],
+        )
+        # ... or writes the merge as an NF4 Hugging Face checkpoint.
+        tools["lorastream-qlora-nf4"] = Tool(
+            "lorastream-qlora-nf4",
+            [str(paths.lorastream), "merge", str(qlora), "-o", str(out["lorastream-qlora-nf4"]), "--format", "hf",
+             "--quantize", "nf4", "--max-memory", budget],
+            lit_inputs,
+            out["lorastream-qlora-nf4"],
+            output_bytes=model["base_bytes"] // 3,
+        )
     if "hf_nf4" in dirs:
         hf_nf4 = Path(dirs["hf_nf4"])
         # Both read the NF4 checkpoint and write a dense bf16 model.
@@ -354,6 +390,17 @@ def ratios(tools: dict[str, dict[str, Any]], budget_mib: float, model: dict[str,
         "lorastream_nf4_rss_over_budget": ratio(nf4_rss, budget_mib),
         "peft_nf4_peak_rss_mib": value("peft-nf4", "median_peak_rss_mib"),
         "peft_nf4_over_lorastream_nf4_rss": ratio(value("peft-nf4", "median_peak_rss_mib"), nf4_rss),
+        "lorastream_nf4_over_lorastream_time": ratio(value("lorastream-nf4", "median_wall_s"), ls_time),
+        "lorastream_to_nf4_over_lorastream_time": ratio(value("lorastream-to-nf4", "median_wall_s"), ls_time),
+        "lorastream_to_nf4_peak_rss_mib": value("lorastream-to-nf4", "median_peak_rss_mib"),
+        "lorastream_to_nf4_max_peak_rss_mib": value("lorastream-to-nf4", "max_peak_rss_mib"),
+        "lorastream_qlora_over_litgpt_qlora_time": ratio(value("lorastream-qlora", "median_wall_s"),
+                                                         value("litgpt-qlora", "median_wall_s")),
+        "lorastream_qlora_nf4_over_peft_nf4_time": ratio(value("lorastream-qlora-nf4", "median_wall_s"),
+                                                         value("peft-nf4", "median_wall_s")),
+        "lorastream_qlora_peak_rss_mib": value("lorastream-qlora", "median_peak_rss_mib"),
+        "lorastream_qlora_nf4_peak_rss_mib": value("lorastream-qlora-nf4", "median_peak_rss_mib"),
+        "litgpt_qlora_peak_rss_mib": value("litgpt-qlora", "median_peak_rss_mib"),
         "lorastream_litgpt_over_litgpt_time": ratio(value("lorastream-litgpt", "median_wall_s"),
                                                     value("litgpt", "median_wall_s")),
         "lorastream_litgpt_peak_rss_mib": lit_rss,
@@ -377,8 +424,8 @@ def ratios(tools: dict[str, dict[str, Any]], budget_mib: float, model: dict[str,
 def build_models(size: str, workdir: Path, python: Path, nf4: bool = False) -> dict[str, Any]:
     """Build one size's models in a separate process (so their memory is freed) and return the manifest.
 
-    With ``nf4``, ``hf-nf4/`` is built too if absent (an existing base build is kept as it is); its own manifest
-    (``nf4-manifest.json``) goes under ``"nf4"`` and its folder under ``dirs["hf_nf4"]``.
+    With ``nf4``, ``hf-nf4/`` and ``litgpt-qlora/`` are built too if absent (an existing base build is kept as
+    it is); their manifest (``nf4-manifest.json``) goes under ``"nf4"`` and their folders under ``dirs``.
     """
     manifest = workdir / size / "manifest.json"
     nf4_manifest = workdir / size / "nf4-manifest.json"
@@ -392,6 +439,7 @@ def build_models(size: str, workdir: Path, python: Path, nf4: bool = False) -> d
     if nf4:
         model["nf4"] = json.loads(nf4_manifest.read_text())
         model["dirs"]["hf_nf4"] = model["nf4"]["dir"]
+        model["dirs"]["litgpt_qlora"] = model["nf4"]["litgpt_qlora"]
     return model
 
 
@@ -500,7 +548,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             )
         r = entry["ratios"]
         lines.append("")
-        if set(entry["tools"]) - set(NF4_TOOLS):
+        if set(entry["tools"]) - set(QUANTIZED_TOOLS):
             lines += [
                 f"- lorastream / PEFT wall time: {fmt(r['lorastream_over_peft_time'], '.2f', 'x')}",
                 f"- lorastream / cp -r wall time: {fmt(r['lorastream_over_cp_time'], '.2f', 'x')}",
@@ -542,6 +590,25 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 f"{fmt(r['budget_mib'], '.0f')} MiB budget ({fmt(r['lorastream_nf4_rss_over_budget'], '.2f', 'x')})"
                 f"{verdict}; PEFT: {fmt(r['peft_nf4_peak_rss_mib'], '.0f')} MiB, "
                 f"{fmt(r['peft_nf4_over_lorastream_nf4_rss'], '.1f', 'x')} as much",
+                f"- NF4 base -> dense / the dense merge (lorastream), wall time: "
+                f"{fmt(r['lorastream_nf4_over_lorastream_time'], '.2f', 'x')}",
+            ]
+        if "lorastream-to-nf4" in entry["tools"]:
+            lines += [
+                f"- `--quantize nf4` (double quant) / the dense merge (lorastream), wall time: "
+                f"{fmt(r['lorastream_to_nf4_over_lorastream_time'], '.2f', 'x')}; peak RSS "
+                f"{fmt(r['lorastream_to_nf4_peak_rss_mib'], '.0f')} MiB (worst run "
+                f"{fmt(r['lorastream_to_nf4_max_peak_rss_mib'], '.0f')} MiB)",
+            ]
+        if {"lorastream-qlora", "lorastream-qlora-nf4"} & set(entry["tools"]):
+            lines += [
+                f"- LitGPT QLoRA run (`quantize: bnb.nf4`): lorastream `--trained-on nf4` / `litgpt merge_lora` "
+                f"wall time: {fmt(r['lorastream_qlora_over_litgpt_qlora_time'], '.2f', 'x')}; lorastream to NF4 "
+                f"(`--format hf --quantize nf4`) / PEFT's dequantize route: "
+                f"{fmt(r['lorastream_qlora_nf4_over_peft_nf4_time'], '.2f', 'x')}; peak RSS "
+                f"{fmt(r['lorastream_qlora_peak_rss_mib'], '.0f')} / "
+                f"{fmt(r['lorastream_qlora_nf4_peak_rss_mib'], '.0f')} MiB, "
+                f"LitGPT {fmt(r['litgpt_qlora_peak_rss_mib'], '.0f')} MiB",
             ]
         lines.append("")
     path.write_text("\n".join(lines))
@@ -586,7 +653,8 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
                             color="red", transform=ax.get_xaxis_transform())
                     continue
                 ax.bar(x, tool[key], width, color=f"C{TOOLS.index(name)}", label=TOOL_LABELS[name],
-                       hatch="//" if name in NF4_TOOLS else None, edgecolor="white" if name in NF4_TOOLS else None)
+                       hatch="//" if name in QUANTIZED_TOOLS else None,
+                       edgecolor="white" if name in QUANTIZED_TOOLS else None)
                 ax.annotate(text(tool[key]), (x, tool[key]), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(sizes)), sizes)
         ax.set_ylabel(label)

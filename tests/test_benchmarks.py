@@ -71,3 +71,29 @@ def test_floor_measures_the_engine_kernel_in_blocks():
     for name in ("naive", "blocked", "decode", "delta", "check", "encode"):
         assert result[f"{name}_s"] > 0
         assert result[f"{name}_gbps"] == pytest.approx(result["weight_gb"] / result[f"{name}_s"])
+
+
+def test_qlora_cases_and_their_ratios(tmp_path: Path):
+    """The seed's case: the QLoRA run merged by LitGPT, by lorastream as training saw it and to NF4; and the
+    quantized paths' times over the dense merge."""
+    dirs = {key: str(tmp_path / key) for key in ("hf_base", "peft_adapter", "litgpt_base", "litgpt_lora",
+                                                 "peft_adapter_2", "peft_adapter_3", "peft_adapter_4", "hf_nf4",
+                                                 "litgpt_qlora")}
+    paths = run.Paths(Path("python"), Path("lorastream"), Path("litgpt"))
+    tools = run.tools_for("7b", {"dirs": dirs, "base_bytes": 3 * 10**9}, tmp_path / "out", paths, "512MiB")
+    qlora = dirs["litgpt_qlora"]
+    assert tools["litgpt-qlora"].argv == ["litgpt", "merge_lora", qlora]
+    assert tools["lorastream-qlora"].argv[:3] == ["lorastream", "merge", qlora]
+    assert "--trained-on" in tools["lorastream-qlora"].argv
+    command = tools["lorastream-qlora-nf4"].argv
+    assert command[command.index("--format") + 1] == "hf" and command[command.index("--quantize") + 1] == "nf4"
+    command = tools["lorastream-to-nf4"].argv
+    assert command[2] == dirs["hf_base"] and command[command.index("--quantize") + 1] == "nf4"
+    assert set(run.NF4_TOOLS) <= set(tools)
+    r = run.ratios({"lorastream": _ok(10.0), "lorastream-nf4": _ok(12.0), "lorastream-to-nf4": _ok(14.0),
+                    "litgpt-qlora": _ok(40.0), "lorastream-qlora": _ok(20.0), "lorastream-qlora-nf4": _ok(16.0),
+                    "peft-nf4": _ok(32.0)}, 512.0, {"base_bytes": 10**9, "merged_bytes": 10**9}, None)
+    assert r["lorastream_nf4_over_lorastream_time"] == pytest.approx(1.2)
+    assert r["lorastream_to_nf4_over_lorastream_time"] == pytest.approx(1.4)
+    assert r["lorastream_qlora_over_litgpt_qlora_time"] == pytest.approx(0.5)
+    assert r["lorastream_qlora_nf4_over_peft_nf4_time"] == pytest.approx(0.5)

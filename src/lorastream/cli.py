@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -144,6 +145,11 @@ def main(ctx: click.Context) -> None:
     # SIGTERM unwinds like Ctrl-C, so the staged output is removed and nothing half-written remains.
     signal.signal(signal.SIGTERM, _interrupt)
     ctx.with_resource(third_party_quiet())
+    # the library's notes on how a run ran (for example which codec kernels) go to stderr, one line each
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("lorastream: %(message)s"))
+    logging.getLogger("lorastream").addHandler(handler)
+    logging.getLogger("lorastream").setLevel(logging.INFO)
 
 
 def _interrupt(signum: int, _frame: object) -> None:

@@ -17,7 +17,7 @@ import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 
 from .adapters.lora import Adapter, LoraModule
-from .codecs import Encoding, Source
+from .codecs import Encoding, Source, kernels
 from .codecs.bnb4 import Bnb4Encoding, RoundTripSource
 from .codecs.plain import TensorRef
 from .errors import InputError
@@ -363,7 +363,10 @@ def _memory_plan(outputs: Sequence[Sequence[OutputTensor]], budget: int, baselin
                               for t in position if not t.is_copy}.values()) for position in zip(*outputs, strict=True))
     min_elements = max(t.min_block_rows * t.row_elements for t in decoded)
     per_element = sum(size for _, size in in_flight)
-    spare = budget - baseline - RESERVE_BYTES - io_buffers - adapter_peak
+    # the compiled codec kernels, loaded on first use (after the baseline was measured)
+    coded = any(getattr(t.source, "uses_kernels", False) or t.encoding is not None for t in decoded)
+    reserve = RESERVE_BYTES + (kernels.load_bytes() if coded else 0)
+    spare = budget - baseline - reserve - io_buffers - adapter_peak
     elements = min(MAX_BLOCK_ELEMENTS, spare // per_element)
     gpu_adapter_peak = 0
     if gpu_budget:  # the accelerator holds the LoRA factors and magnitudes of one position, not encoder state
@@ -371,7 +374,7 @@ def _memory_plan(outputs: Sequence[Sequence[OutputTensor]], budget: int, baselin
                                for position in zip(*outputs, strict=True))
         elements = min(elements, (gpu_budget - gpu_libraries - gpu_adapter_peak)
                        // sum(size for _, size in gpu_in_flight))
-    return MemoryPlan(budget, baseline, RESERVE_BYTES, adapter_peak, max(min_elements, elements), min_elements,
+    return MemoryPlan(budget, baseline, reserve, adapter_peak, max(min_elements, elements), min_elements,
                       tuple(in_flight), io_buffers, gpu_budget, gpu_adapter_peak, tuple(gpu_in_flight), gpu_libraries)
 
 

@@ -20,6 +20,7 @@ import torch
 from ..device import CPU
 from ..dtypes import FLOAT_DTYPES
 from ..errors import InputError
+from . import kernels
 from .geometry import SameGeometry
 from .plain import TensorRef
 
@@ -79,8 +80,9 @@ class Bnb4Source:
         return self.blocksize // math.gcd(self.row_elements, self.blocksize)
 
     # packed nibbles (0.5), their int64 indices (8), the looked-up code values and products (4 + 4),
-    # the absmax expanded per element (4), the cast result (up to 4)
+    # the absmax expanded per element (4), the cast result (up to 4): the torch path's temporaries
     decode_bytes_per_element = 25
+    uses_kernels = True
 
     @cached_property
     def _code(self) -> torch.Tensor:
@@ -107,26 +109,9 @@ class Bnb4Source:
         if first % self.blocksize:
             raise AssertionError(f"{self.name}: row block {start} is not aligned to {self.blocksize}-value blocks")
         raw = _read_bytes(self.packed, first // 2, (count + 1) // 2, buffer).to(device)
-        values = self._pairs.to(device)[raw.long()].view(-1)[:count]  # one lookup gives both nibbles of a byte
         absmax = self._absmax(first // self.blocksize, math.ceil(count / self.blocksize)).to(device)
-        return scale_blocks(values, absmax, self.blocksize).to(self.dtype).view(stop - start, cols)
-
-    @cached_property
-    def _pairs(self) -> torch.Tensor:
-        """code[high nibble], code[low nibble] of every byte value: a [256, 2] table."""
-        byte = torch.arange(256)
-        return torch.stack((self._code[byte >> 4], self._code[byte & 0xF]), dim=1)
-
-
-def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values[i] * absmax[i // blocksize] (float32), broadcasting over whole blocks."""
-    full = values.numel() - values.numel() % blocksize
-    out = torch.empty_like(values)
-    torch.mul(values[:full].view(-1, blocksize), absmax[: full // blocksize].view(-1, 1),
-              out=out[:full].view(-1, blocksize))
-    if full < values.numel():
-        torch.mul(values[full:], absmax[-1], out=out[full:])
-    return out
+        return kernels.decode_4bit(raw, self._code, absmax, self.blocksize, count, self.dtype).view(stop - start,
+                                                                                                      cols)
 
 
 def _read_bytes(ref: TensorRef, first_byte: int, count: int, buffer: memoryview) -> torch.Tensor:
@@ -303,34 +288,18 @@ class Bnb4Encoding:
 
 
 class Quantizer4:
-    """bitsandbytes' 4-bit quantization of float32 values into codes, block by block."""
+    """bitsandbytes' 4-bit quantization of float32 values into packed codes, block by block."""
 
     def __init__(self, quant_type: str, blocksize: int):
         self.code = four_bit_code(quant_type)
         self.blocksize = blocksize
         self._order = torch.argsort(self.code)
         self._bounds = (self.code[self._order[:-1]] + self.code[self._order[1:]]) / 2
-        self._remap = quant_type != "nf4"
-        # bitsandbytes pads an odd count with a scaled 0.0 before bucketizing
-        self.zero_code = self.codes_of_scaled(torch.zeros(1))[0]
 
-    def codes_of_scaled(self, scaled: torch.Tensor) -> torch.Tensor:
-        """Codes on the device of `scaled` (the 16-entry tables follow it there)."""
-        codes = torch.bucketize(scaled, self._bounds.to(scaled.device), out_int32=True)
-        return self._order.to(scaled.device)[codes] if self._remap else codes
-
-    def codes(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes and float32 absmax of `values`, whose first element starts a quantization block."""
-        flat = values.reshape(-1)
-        full = flat.numel() - flat.numel() % self.blocksize
-        blocks = flat[:full].view(-1, self.blocksize)
-        absmax = blocks.abs().max(dim=-1)[0]
-        scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-        if full < flat.numel():  # the tensor's last, partial block: bitsandbytes divides here
-            tail_max = flat[full:].abs().max().clamp(min=1e-38)
-            absmax = torch.cat([absmax, tail_max.unsqueeze(0)])
-            scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
-        return self.codes_of_scaled(scaled), absmax
+    def quantize(self, values: torch.Tensor, out: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Pack the codes of `values` (whose first element starts a block) into uint8 `out`: (bytes written,
+        float32 absmax per block)."""
+        return kernels.quantize_4bit(values, self._bounds, self._order, self.blocksize, out)
 
 
 def dequantize_nested(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: float, nested_code: torch.Tensor,
@@ -354,12 +323,7 @@ class Bnb4Encoder:
 
     def encode(self, values: torch.Tensor, out: torch.Tensor) -> int:
         """Quantize float32 `values` (a block of rows) into `out` (uint8); returns the bytes written."""
-        codes, absmax = self.quantizer.codes(values)
-        if codes.numel() % 2:
-            codes = torch.nn.functional.pad(codes, (0, 1), value=int(self.quantizer.zero_code))
-        codes8 = codes.to(torch.uint8)
-        count = codes8.numel() // 2
-        torch.bitwise_or(codes8[::2] << 4, codes8[1::2], out=out[:count])
+        count, absmax = self.quantizer.quantize(values, out)
         self._absmax.append(absmax.cpu())  # the statistics are computed on the host
         return count
 
@@ -398,6 +362,7 @@ class RoundTripSource(SameGeometry):
     encoding: Bnb4Encoding
     round_to: torch.dtype | None = None
     _absmax: torch.Tensor | None = None
+    uses_kernels = True
 
     @property
     def _geometry(self) -> Source:
@@ -438,8 +403,9 @@ class RoundTripSource(SameGeometry):
             row_bytes = max(1, self.row_elements * self.inner.decode_bytes_per_element)
             step = max(self.row_alignment, len(buffer) // row_bytes)
             step -= step % self.row_alignment
-            parts = [quantizer.codes(self.inner.read_rows(start, min(start + step, self.rows), buffer).float())[1]
-                     for start in range(0, self.rows, step)]
+            parts = [quantizer.quantize(rows, torch.empty((rows.numel() + 1) // 2, dtype=torch.uint8))[1]
+                     for rows in (self.inner.read_rows(start, min(start + step, self.rows), buffer).float()
+                                  for start in range(0, self.rows, step))]
             absmax = torch.cat(parts)
             if self.encoding.double_quant:
                 codes, nested_absmax, offset = quantize_nested(absmax)
@@ -451,9 +417,11 @@ class RoundTripSource(SameGeometry):
         absmax = self._block_absmax(buffer)
         quantizer = Quantizer4(self.encoding.quant_type, self.encoding.blocksize)
         values = self.inner.read_rows(start, stop, buffer, device).float()
-        codes, _ = quantizer.codes(values)
+        packed = torch.empty((values.numel() + 1) // 2, dtype=torch.uint8, device=values.device)
+        quantizer.quantize(values, packed)
         first_block = start * self.row_elements // self.encoding.blocksize
         blocks = math.ceil(values.numel() / self.encoding.blocksize)
-        decoded = scale_blocks(quantizer.code.to(device)[codes.long()],
-                               absmax[first_block:first_block + blocks].to(device), self.encoding.blocksize)
-        return decoded.to(self.inner.dense_dtype).to(self.dtype).view(values.shape)
+        decoded = kernels.decode_4bit(packed, quantizer.code.to(device),
+                                      absmax[first_block:first_block + blocks].to(device), self.encoding.blocksize,
+                                      values.numel(), self.inner.dense_dtype)
+        return decoded.to(self.dtype).view(values.shape)

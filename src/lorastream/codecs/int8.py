@@ -14,6 +14,7 @@ import torch
 
 from ..device import CPU
 from ..errors import InputError
+from . import kernels
 from .bnb4 import tensor_bytes
 from .geometry import SameGeometry
 from .plain import TensorRef
@@ -98,12 +99,9 @@ class Int8Encoder:
         self._scb: list[torch.Tensor] = []
 
     def encode(self, values: torch.Tensor, out: torch.Tensor) -> int:
-        half = values.to(torch.float16)
-        row_stats = torch.max(half.abs(), dim=1).values.float()
-        quantized = torch.round(half * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
-        out[: quantized.numel()].copy_(quantized.view(torch.uint8).reshape(-1))
+        row_stats = kernels.quantize_int8(values, out)
         self._scb.append(row_stats.cpu())  # the statistics are written from the host
-        return quantized.numel()
+        return values.numel()
 
     def statistics(self) -> list[bytes | bytearray]:
         scb = torch.cat(self._scb)
