@@ -1,4 +1,4 @@
-"""The command line: parse options, call the API, render the result. Exit statuses are in the README."""
+"""The command line: parse options, call the API, render the result. Exit statuses are in docs/exit-statuses.md."""
 
 from __future__ import annotations
 
