@@ -99,9 +99,12 @@ def peak_rss() -> int:
 # glibc raises its mmap threshold each time a large block is freed, after which same-sized temporaries come
 # from the heap and freed ones stay resident: measured 650 MiB peak instead of 270 MiB decoding NF4 in 1M
 # element blocks. Fixing the threshold (any explicit value turns the adjustment off) keeps large
-# temporaries in their own mappings, returned to the system when freed.
+# temporaries in their own mappings, returned to the system when freed. 4 MiB was not low enough: a decoded
+# bf16 block (2 MiB) and the decoder's per-block temporaries still came from the heap, interleaved with
+# longer-lived allocations, and the NF4 -> bf16 merge of the 2gb model peaked at 521-581 MiB within
+# `--max-memory 512MiB`; at 256 KiB it peaks at 397 MiB (two runs each).
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 4 << 20
+MMAP_THRESHOLD = 256 << 10
 
 
 def keep_heap_bounded() -> None:
