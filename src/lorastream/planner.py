@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
@@ -210,12 +211,49 @@ class Plan:
         return self.disk_free >= self.disk_needed
 
 
-def _base_name(base: HFModel, module_path: str, leaf: str) -> str | None:
-    """The base tensor for `module_path.leaf`, also trying without the base-model prefix (`transformer.`)."""
-    candidates = [f"{module_path}.{leaf}"]
-    if "." in module_path:
-        candidates.append(f"{module_path.split('.', 1)[1]}.{leaf}")
-    return next((c for c in candidates if c in base.sources), None)
+@dataclass(frozen=True)
+class Piece:
+    """One on-disk tensor that holds an in-memory tensor whole, or (fused experts) expert `expert`'s rows
+    [row_start, row_start + its rows) of it."""
+
+    name: str
+    expert: int | None = None
+    row_start: int = 0
+
+
+class TensorLayout(Protocol):
+    """Where each in-memory tensor is on disk, and the ones lorastream cannot map back (see inputs/targets.py)."""
+
+    @property
+    def pieces(self) -> dict[str, tuple[Piece, ...]]: ...
+
+    @property
+    def unsupported(self) -> dict[str, str]: ...
+
+
+def _pieces(base: HFModel, on_disk: TensorLayout | None, name: str) -> tuple[Piece, ...] | None:
+    """The on-disk tensors holding the in-memory tensor `name`: through transformers' conversions when the
+    layout `on_disk` is known, else by name (also without the base-model prefix, `transformer.`)."""
+    if on_disk is not None:
+        if name in on_disk.unsupported:
+            raise InputError(f"{base.path}: the adapter changes {name!r}, which {on_disk.unsupported[name]}; "
+                             "lorastream cannot map that change back to the checkpoint's tensors")
+        found = on_disk.pieces.get(name)
+        if found is not None:
+            return found
+    candidates = [name] + ([name.split(".", 1)[1]] if name.count(".") > 1 else [])
+    return next(((Piece(c),) for c in candidates if c in base.sources), None)
+
+
+def _base_name(base: HFModel, on_disk: TensorLayout | None, name: str) -> str | None:
+    """The one on-disk tensor that holds the in-memory tensor `name` whole, None when there is none."""
+    found = _pieces(base, on_disk, name)
+    if found is None:
+        return None
+    if len(found) != 1 or found[0].expert is not None:
+        raise InputError(f"{base.path}: {name!r} is stored as {len(found)} per-expert tensors; only a LoRA on the "
+                         "fused parameter (target_parameters) can be mapped onto them")
+    return found[0].name
 
 
 def _is_transposed(base: HFModel, lora: LoraModule, weight: Source) -> bool:
@@ -252,14 +290,58 @@ class _Contributions:
     replacement: TensorRef | None = None
 
 
-def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...]) -> tuple[dict[str, _Contributions],
-                                                                                   dict[str, list[str]]]:
-    """Map every adapter tensor to the base tensor it changes."""
+def _parameter_deltas(base: HFModel, on_disk: TensorLayout | None, lora: LoraModule,
+                      weight: float) -> list[tuple[str, Delta]]:
+    """A LoRA on an `nn.Parameter` as deltas of the tensors on disk: the parameter itself (2-D, or one delta per
+    expert of a 3-D one, at that expert's rows), or each expert's piece of a fused one, its slice of the update."""
+    assert lora.parameter is not None
+    target = lora.parameter
+    found = _pieces(base, on_disk, target.name)
+    if not found:
+        raise InputError(f"{lora.a.path}: parameter {target.name!r} has no tensor in the base model {base.path}")
+    experts = lora.experts
+    rows, cols = target.shape[-2:]
+    update = (cols, rows) if target.transposed else (rows, cols)  # one expert's B @ A
+    if lora.update_shape != update:
+        raise InputError(f"{lora.a.path}: parameter {target.name!r}: LoRA update {list(lora.update_shape)} per expert "
+                         f"does not fit its shape {list(target.shape)}")
+    deltas = []
+    for piece in found:
+        ref = base.sources[piece.name]
+        if piece.expert is None:  # stored as it is in memory
+            if tuple(ref.shape) != target.shape:
+                raise InputError(f"{ref.path}: tensor {piece.name!r} has shape {list(ref.shape)}, the parameter "
+                                 f"{target.name!r} {list(target.shape)}")
+            if experts == 1:
+                deltas.append((piece.name, Delta(lora, weight, False)))
+            for expert in range(experts if experts > 1 else 0):
+                part = dataclasses.replace(lora, expert=expert, row_offset=expert * rows)
+                deltas.append((piece.name, Delta(part, weight, target.transposed)))
+        else:
+            if target.transposed or ref.shape[-1] != cols:
+                raise InputError(f"{ref.path}: tensor {piece.name!r} of shape {list(ref.shape)} is not a row block "
+                                 f"of parameter {target.name!r} {list(target.shape)}")
+            part = dataclasses.replace(lora, expert=piece.expert, out_rows=(piece.row_start,
+                                                                            piece.row_start + ref.shape[0]))
+            deltas.append((piece.name, Delta(part, weight, False)))
+    return deltas
+
+
+def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...],
+             on_disk: TensorLayout | None) -> tuple[dict[str, _Contributions], dict[str, list[str]]]:
+    """Map every adapter tensor to the base tensor it changes; refuse any it cannot place."""
     found: dict[str, _Contributions] = {}
     targets: dict[str, list[str]] = {}
     for adapter, weight in adapters:
+        if adapter.unresolved:
+            raise InputError(f"{adapter.source}: target_parameters LoRA was read without its base model")
         for module, lora in adapter.modules.items():
-            name = _base_name(base, lora.module, "weight")
+            if lora.parameter is not None:
+                for name, delta in _parameter_deltas(base, on_disk, lora, weight):
+                    found.setdefault(name, _Contributions()).deltas.append(delta)
+                    targets.setdefault(name, []).append(f"{adapter.source}:{module}")
+                continue
+            name = _base_name(base, on_disk, lora.weight_name)
             if name is None:
                 raise InputError(f"{lora.a.path}: module {module!r} has no weight in the base model "
                                  f"{base.path} (an adapter for another model, or tied weights?)")
@@ -277,7 +359,7 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...]) -> tupl
                                      f"{list(lora.magnitude.shape)}, expected [{expected}]")
                 entry.magnitude = lora.magnitude
             if lora.bias is not None:
-                bias_name = _base_name(base, lora.module, "bias")
+                bias_name = _base_name(base, on_disk, f"{lora.module}.bias")
                 if bias_name is None:
                     raise InputError(f"{lora.bias.path}: module {module!r}: lora_bias needs a bias in the base "
                                      "layer, and the base has none")
@@ -286,8 +368,7 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...]) -> tupl
                                      f"{list(lora.bias.shape)} does not fit {bias_name!r}")
                 found.setdefault(bias_name, _Contributions()).bias_deltas.append((lora.bias, lora.scale * weight))
         for name, ref in adapter.replacements.items():
-            module, _, leaf = name.rpartition(".")
-            target = _base_name(base, module, leaf) or name
+            target = _base_name(base, on_disk, name) or name
             entry = found.setdefault(target, _Contributions())
             if entry.replacement is not None:
                 raise InputError(f"{ref.path}: tensor {name!r} is replaced by more than one adapter")
@@ -413,23 +494,25 @@ def _trained_on(tensor: OutputTensor, base: HFModel, encoding: Bnb4Encoding,
 def make_plan(base: HFModel, adapters: list[tuple[Adapter, float]], out_dir: Path, *, budget: int, baseline: int,
               disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
               quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None, io_buffers: int = 0,
-              gpu_budget: int = 0, gpu_libraries: int = 0) -> Plan:
+              gpu_budget: int = 0, gpu_libraries: int = 0, on_disk: TensorLayout | None = None) -> Plan:
     """Plan merging `adapters` (each with its weight) into `base`; pure, from headers only.
 
     `quantize` writes linear weights quantized; `trained_on` reads dense linear weights through that 4-bit
     quantization first (the weights a QLoRA adapter was trained against); `io_buffers` is what remote storage
     holds in memory (see `storage.io_buffer_bytes`); `gpu_budget` is the accelerator memory the merge may take
-    when it computes there (0: on the CPU), `gpu_libraries` what torch's libraries keep there for good.
+    when it computes there (0: on the CPU), `gpu_libraries` what torch's libraries keep there for good;
+    `on_disk` maps the adapter's in-memory module names to the checkpoint's tensors (see inputs/targets.py).
     """
     return make_plans(base, [adapters], [out_dir], budget=budget, baseline=baseline, disk_free=disk_free,
                       max_shard_size=max_shard_size, dtype=dtype, quantize=quantize, trained_on=trained_on,
-                      io_buffers=io_buffers, gpu_budget=gpu_budget, gpu_libraries=gpu_libraries)[0]
+                      io_buffers=io_buffers, gpu_budget=gpu_budget, gpu_libraries=gpu_libraries, on_disk=on_disk)[0]
 
 
 def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_dirs: Sequence[Path], *, budget: int,
                baseline: int, disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
                quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None,
-               io_buffers: int = 0, gpu_budget: int = 0, gpu_libraries: int = 0) -> list[Plan]:
+               io_buffers: int = 0, gpu_budget: int = 0, gpu_libraries: int = 0,
+               on_disk: TensorLayout | None = None) -> list[Plan]:
     """Plan each of `jobs` (adapters with weights) merged into `base` on its own, all produced in one pass over
     the base (`merge --each`): a base tensor is one source for every plan, so the engine reads each row block
     once, and the plans share one memory plan that holds every output's buffers and adapter tensors."""
@@ -440,7 +523,7 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
     planned = []
     for adapters in jobs:
         frozen = tuple(adapters)
-        found, targets = _collect(base, frozen)
+        found, targets = _collect(base, frozen, on_disk)
         tensors = _output_tensors(base, found, dtype)
         if trained_on is not None:
             tensors = [_trained_on(t, base, trained_on, round_trips) for t in tensors]
