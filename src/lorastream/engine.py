@@ -351,6 +351,7 @@ class _TargetMerge:
         device = merger.buf.device
         self.deltas = [_LoadedDelta.load(d, device, tensor.dtype) for d in tensor.deltas]
         self.magnitude = tensor.magnitude.read().to(device, torch.float32) if tensor.magnitude is not None else None
+        self.token_rows = [(values.read().to(device, torch.float32), indices) for values, indices in tensor.token_rows]
         # DoRA on a weight stored [in, out] scales columns, by norms over every block (set before the merge)
         self.needs_column_norms = self.magnitude is not None and self.deltas[0].transposed
         self.column_factors: torch.Tensor | None = None
@@ -396,6 +397,10 @@ class _TargetMerge:
             delta.add_rows(work, self.m.buf.delta, start, stop)
         for ref, scale in self.t.bias_deltas:
             work.add_(ref.read().to(work.device, torch.float32).reshape(work.shape) * scale)
+        for values, indices in self.token_rows:  # PEFT's TrainableTokens: `index_copy` of the new rows
+            for k, index in enumerate(indices):
+                if start <= index < stop:
+                    work[index - start] = values[k]
         return work
 
     def column_norms(self) -> torch.Tensor:

@@ -25,6 +25,7 @@ from .errors import InputError
 from .formats.hf import HFModel
 from .formats.safetensors import TensorSpec
 from .memory import format_size
+from .vocabulary import component, new_vocab_size
 
 # Models whose linear layers are GPT-2 `Conv1D` (weights stored [in, out]): the tie-breaker for square weights.
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
@@ -71,6 +72,7 @@ class OutputTensor:
     magnitude: TensorRef | None = None
     origin: str = "base"  # "adapter" when an adapter tensor replaces the base one
     encoding: Encoding | None = None  # written quantized (then `dtype` is the compute dtype it records)
+    token_rows: tuple[tuple[TensorRef, tuple[int, ...]], ...] = ()  # PEFT TrainableTokens: rows set to new values
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -116,7 +118,7 @@ class OutputTensor:
 
     @property
     def needs_fp32(self) -> bool:
-        return bool(self.deltas or self.bias_deltas or self.magnitude or self.encoding)
+        return bool(self.deltas or self.bias_deltas or self.magnitude or self.encoding or self.token_rows)
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,17 @@ class Plan:
     dtype: torch.dtype | None
     targets: dict[str, list[str]] = field(default_factory=dict)
     quantize: Encoding | None = None
+    vocab_size: int | None = None  # the adapter resized the vocabulary (added tokens)
+    untie: bool = False  # a tied head is written apart from the embedding
+
+    @property
+    def changed(self) -> dict[str, int]:
+        """How many tensors of the output the adapters change, per component of the model."""
+        counts: dict[str, int] = {}
+        for tensor in self.tensors:
+            if tensor.deltas or tensor.bias_deltas or tensor.is_replacement or tensor.token_rows:
+                counts[component(tensor.name)] = counts.get(component(tensor.name), 0) + 1
+        return dict(sorted(counts.items()))
 
     @property
     def total_size(self) -> int:
@@ -230,6 +243,9 @@ class TensorLayout(Protocol):
     @property
     def unsupported(self) -> dict[str, str]: ...
 
+    @property
+    def tied(self) -> dict[str, tuple[str, str]]: ...
+
 
 def _pieces(base: HFModel, on_disk: TensorLayout | None, name: str) -> tuple[Piece, ...] | None:
     """The on-disk tensors holding the in-memory tensor `name`: through transformers' conversions when the
@@ -241,6 +257,8 @@ def _pieces(base: HFModel, on_disk: TensorLayout | None, name: str) -> tuple[Pie
         found = on_disk.pieces.get(name)
         if found is not None:
             return found
+        if name in on_disk.tied:  # a tied head: PEFT merges into the tensor it shares with the embedding
+            return (Piece(on_disk.tied[name][0]),)
     candidates = [name] + ([name.split(".", 1)[1]] if name.count(".") > 1 else [])
     return next(((Piece(c),) for c in candidates if c in base.sources), None)
 
@@ -288,6 +306,7 @@ class _Contributions:
     bias_deltas: list[tuple[TensorRef, float]] = field(default_factory=list)
     magnitude: TensorRef | None = None
     replacement: TensorRef | None = None
+    token_rows: list[tuple[TensorRef, tuple[int, ...]]] = field(default_factory=list)
 
 
 def _parameter_deltas(base: HFModel, on_disk: TensorLayout | None, lora: LoraModule,
@@ -328,10 +347,12 @@ def _parameter_deltas(base: HFModel, on_disk: TensorLayout | None, lora: LoraMod
 
 
 def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...],
-             on_disk: TensorLayout | None) -> tuple[dict[str, _Contributions], dict[str, list[str]]]:
-    """Map every adapter tensor to the base tensor it changes; refuse any it cannot place."""
+             on_disk: TensorLayout | None) -> tuple[dict[str, _Contributions], dict[str, list[str]], bool]:
+    """Map every adapter tensor to the base tensor it changes; refuse any it cannot place. Also says whether a tied
+    head is now written apart from the embedding."""
     found: dict[str, _Contributions] = {}
     targets: dict[str, list[str]] = {}
+    untie = False
     for adapter, weight in adapters:
         if adapter.unresolved:
             raise InputError(f"{adapter.source}: target_parameters LoRA was read without its base model")
@@ -368,13 +389,40 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...],
                                      f"{list(lora.bias.shape)} does not fit {bias_name!r}")
                 found.setdefault(bias_name, _Contributions()).bias_deltas.append((lora.bias, lora.scale * weight))
         for name, ref in adapter.replacements.items():
-            target = _base_name(base, on_disk, name) or name
+            target = _replaced(base, on_disk, adapter, name)
+            if target is None:
+                continue
+            if target not in base.sources and on_disk is not None and name in on_disk.tied:
+                untie = True
             entry = found.setdefault(target, _Contributions())
             if entry.replacement is not None:
                 raise InputError(f"{ref.path}: tensor {name!r} is replaced by more than one adapter")
             entry.replacement = ref
             targets.setdefault(target, []).append(f"{adapter.source}:{name} (replaces)")
-    return found, targets
+        for module, (values, indices) in adapter.token_rows.items():
+            name = _base_name(base, on_disk, f"{module}.weight")
+            if name is None:
+                raise InputError(f"{values.path}: trainable tokens of {module!r}: no such embedding in {base.path}")
+            rows = (found[name].replacement or base.sources[name]) if name in found else base.sources[name]
+            if values.shape[1] != rows.shape[1] or max(indices) >= rows.shape[0] or min(indices) < 0:
+                raise InputError(f"{values.path}: trainable tokens of {module!r} (indices up to {max(indices)}, "
+                                 f"{values.shape[1]} wide) do not fit {name!r} of shape {list(rows.shape)}")
+            found.setdefault(name, _Contributions()).token_rows.append((values, indices))
+            targets.setdefault(name, []).append(f"{adapter.source}:{module} (token rows)")
+    return found, targets, untie
+
+
+def _replaced(base: HFModel, on_disk: TensorLayout | None, adapter: Adapter, name: str) -> str | None:
+    """The on-disk tensor an adapter's whole tensor replaces. A tied head's trained copy (`modules_to_save`) is
+    written apart from the embedding, under the head's own on-disk name; a saved copy of its base layer stands for
+    the shared tensor (None: the adapter replaces that tensor already)."""
+    if on_disk is not None and name in on_disk.tied:
+        shared, own = on_disk.tied[name]
+        if name not in adapter.saved_base:
+            return own
+        saved = {_base_name(base, on_disk, n) for n in adapter.saved_base if n not in on_disk.tied}
+        return None if shared in saved else shared
+    return _base_name(base, on_disk, name) or name
 
 
 def _output_dtype(source: Source, dtype: torch.dtype | None, like: Source | None = None) -> torch.dtype:
@@ -395,7 +443,8 @@ def _output_tensors(base: HFModel, found: dict[str, _Contributions], dtype: torc
         assert source is not None
         outputs.append(OutputTensor(name, source, _output_dtype(source, dtype, ref), tuple(entry.deltas),
                                     tuple(entry.bias_deltas), entry.magnitude,
-                                    "base" if entry.replacement is None else "adapter"))
+                                    "base" if entry.replacement is None else "adapter",
+                                    token_rows=tuple(entry.token_rows)))
     return outputs
 
 
@@ -413,6 +462,7 @@ def _adapter_bytes(tensor: OutputTensor, encoder_state: bool = True) -> int:
     """What one output holds while it computes `tensor`: its LoRA factors, DoRA magnitude, encoder state (on
     the host also with an accelerator)."""
     return (sum(d.fp32_bytes for d in tensor.deltas) + (tensor.magnitude.numel * 8 if tensor.magnitude else 0)
+            + sum(values.numel * 8 for values, _ in tensor.token_rows)
             + (tensor.encoding.state_bytes(tensor.source.numel) if tensor.encoding and encoder_state else 0))
 
 
@@ -523,8 +573,9 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
     planned = []
     for adapters in jobs:
         frozen = tuple(adapters)
-        found, targets = _collect(base, frozen, on_disk)
+        found, targets, untie = _collect(base, frozen, on_disk)
         tensors = _output_tensors(base, found, dtype)
+        vocab = new_vocab_size(base, {t.name: t.shape for t in tensors if t.is_replacement})
         if trained_on is not None:
             tensors = [_trained_on(t, base, trained_on, round_trips) for t in tensors]
         if quantize is not None:
@@ -533,13 +584,12 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
         if planned and layout(shards) != layout(planned[0][3]):
             raise InputError(f"{frozen[0][0].source}: adds tensors the base does not have, so its output is laid "
                              "out unlike the others'; merge it on its own")
-        planned.append((frozen, targets, tensors, shards))
-    memory = _memory_plan([tensors for _, _, tensors, _ in planned], budget, baseline, io_buffers, gpu_budget,
-                          gpu_libraries)
+        planned.append((frozen, targets, tensors, shards, vocab, untie))
+    memory = _memory_plan([p[2] for p in planned], budget, baseline, io_buffers, gpu_budget, gpu_libraries)
     return [Plan(base, frozen, out_dir, tuple(tensors), shards, memory,
                  sum(s.nbytes for s in shards) + HEADER_ALLOWANCE * len(shards), disk_free, max_shard_size, dtype,
-                 targets, quantize)
-            for (frozen, targets, tensors, shards), out_dir in zip(planned, out_dirs, strict=True)]
+                 targets, quantize, vocab, untie)
+            for (frozen, targets, tensors, shards, vocab, untie), out_dir in zip(planned, out_dirs, strict=True)]
 
 
 def layout(shards: Sequence[Shard]) -> list[tuple[str, list[tuple[str, int]]]]:

@@ -79,3 +79,7 @@ class Adapter:
     config: dict[str, object]
     # `target_parameters` LoRA read without its base model: which parameter each wrapper adapts is unknown
     unresolved: dict[str, dict[str, TensorRef]] = field(default_factory=dict)
+    # replacements that are a saved copy of the base layer under a LoRA (`base_layer`), not trained modules
+    saved_base: frozenset[str] = frozenset()
+    # PEFT TrainableTokens: per embedding module, the new values of some rows and their indices
+    token_rows: dict[str, tuple[TensorRef, tuple[int, ...]]] = field(default_factory=dict)

@@ -32,7 +32,6 @@ _LORA_SUFFIXES = {
 # Config fields whose non-empty value means the adapter is not a plain weight update.
 _UNMERGEABLE_OPTIONS = {
     "layer_replication": "it duplicates layers, which changes the model's structure",
-    "trainable_token_indices": "trainable token deltas are not supported yet",
     "alora_invocation_tokens": "activated LoRA only applies after its invocation tokens; it cannot be merged",
     "megatron_config": "Megatron-parallel LoRA layers are not supported",
     "use_qalora": "QA-LoRA pools inputs; its update is not a plain B @ A",
@@ -88,6 +87,8 @@ def read_peft_adapter(folder: Path, parameters: ParameterResolver | None = None)
     check_config(config_path, config)
     parts: dict[str, dict[str, TensorRef]] = {}
     replacements: dict[str, TensorRef] = {}
+    saved_base: set[str] = set()
+    token_rows: dict[str, tuple[TensorRef, tuple[int, ...]]] = {}
     for key, ref in _adapter_weights(folder).items():
         if not key.startswith(PREFIX):
             raise InputError(f"{ref.path}: tensor {key!r} does not start with {PREFIX!r} (not a PEFT LoRA adapter?)")
@@ -95,22 +96,44 @@ def read_peft_adapter(folder: Path, parameters: ParameterResolver | None = None)
         suffix = next((s for s in _LORA_SUFFIXES if name.endswith(s)), None)
         if suffix is not None:
             parts.setdefault(name[: -len(suffix)], {})[_LORA_SUFFIXES[suffix]] = ref
+        elif name.endswith(_TOKENS_SUFFIX):
+            module = name.removesuffix(_TOKENS_SUFFIX)
+            token_rows[module] = (ref, _token_indices(config_path, config, module, ref))
         elif ".lora_" in name or "trainable_tokens" in name:
             raise InputError(f"{ref.path}: tensor {key!r} is of a kind lorastream does not merge")
         else:
             # modules_to_save, trained biases, or a saved base embedding: replacements of base tensors.
             replacements[name.replace(".base_layer.", ".")] = ref
+            if ".base_layer." in name:
+                saved_base.add(name.replace(".base_layer.", "."))
     targets = list(config.get("target_parameters") or [])
     if targets and parameters is None:
-        return Adapter(str(folder), {}, replacements, config, parts)
+        return Adapter(str(folder), {}, replacements, config, parts, frozenset(saved_base), token_rows)
     modules: dict[str, LoraModule] = {}
     for module, found in parts.items():
         parameter = parameters(module, targets) if targets and parameters is not None else None
         lora = _lora_module(config_path, config, module, found, parameter)
         modules[lora.module] = lora
-    if not modules and not replacements:
+    if not modules and not replacements and not token_rows:
         raise InputError(f"{folder}: the adapter holds no LoRA tensors")
-    return Adapter(str(folder), modules, replacements, config)
+    return Adapter(str(folder), modules, replacements, config, {}, frozenset(saved_base), token_rows)
+
+
+_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+
+
+def _token_indices(config_path: Path, config: dict[str, Any], module: str, values: TensorRef) -> tuple[int, ...]:
+    """The vocabulary rows a PEFT TrainableTokens layer replaces: `trainable_token_indices` is a list (for the input
+    embedding) or maps module names to lists, matched as PEFT matches module names."""
+    indices = config.get("trainable_token_indices")
+    if isinstance(indices, dict):
+        indices = next((v for k, v in indices.items() if module == k or module.endswith(f".{k}")), None)
+    if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
+        raise InputError(f"{config_path}: trainable_token_indices gives no token list for {module!r}")
+    if len(values.shape) != 2 or values.shape[0] != len(indices):
+        raise InputError(f"{values.path}: {module!r}: trainable_tokens_delta of shape {list(values.shape)} for "
+                         f"{len(indices)} token indices")
+    return tuple(indices)
 
 
 def _lora_module(config_path: Path, config: dict[str, Any], module: str, found: dict[str, TensorRef],

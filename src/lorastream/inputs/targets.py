@@ -39,6 +39,8 @@ class Layout:
     unsupported: dict[str, str] = field(default_factory=dict)
     parameters: dict[str, list[str]] = field(default_factory=dict)  # module -> its own parameters, in order
     transposed: frozenset[str] = frozenset()
+    # a tied head (no tensor of its own on disk) -> (the on-disk tensor it shares, the name it is saved under alone)
+    tied: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def parameter_target(self, wrapper: str, targets: list[str]) -> ParameterTarget | None:
         """The parameter a PEFT `ParamWrapper` at `wrapper` (`module.base_layer...`, one `.base_layer` per wrapper
@@ -57,7 +59,8 @@ class Layout:
 def named_on_disk(base: HFModel, adapter: Adapter) -> bool:
     """Whether every tensor `adapter` changes is in the checkpoint under the name it uses (the common case, which
     needs no conversion rules: no transformers import)."""
-    names = [lora.weight_name for lora in adapter.modules.values()] + list(adapter.replacements)
+    names = ([lora.weight_name for lora in adapter.modules.values()] + list(adapter.replacements)
+             + [f"{module}.weight" for module in adapter.token_rows])
     return all(n in base.sources or (n.count(".") > 1 and n.split(".", 1)[1] in base.sources) for n in names)
 
 
@@ -125,8 +128,29 @@ def checkpoint_layout(base: HFModel) -> Layout:
         module, _, leaf = full.rpartition(".")
         parameters.setdefault(module, []).append(leaf)
     transposed = frozenset(n for n, m in model.named_modules() if getattr(m, "is_transposed", False))
-    return Layout(type(model).__name__, {n: tuple(p) for n, p in pieces.items() if p},
-                  {n: tuple(t.shape) for n, t in meta.items()}, unsupported, parameters, transposed)
+    found = {n: tuple(p) for n, p in pieces.items() if p}
+    return Layout(type(model).__name__, found, {n: tuple(t.shape) for n, t in meta.items()}, unsupported,
+                  parameters, transposed, _tied(model, found))
+
+
+def _tied(model: Any, pieces: dict[str, tuple[Piece, ...]]) -> dict[str, tuple[str, str]]:
+    """Parameters the model shares with another (a tied head) that have no tensor on disk: the on-disk tensor they
+    share, and the name `save_pretrained` gives them on their own (transformers' conversions reversed)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    saving = [r for r in (c.reverse_transform() for c in conversions[::-1]) if isinstance(r, WeightRenaming)]
+    tied = {}
+    for shared in names.values():
+        owner = next((n for n in shared if n in pieces and len(pieces[n]) == 1), None)
+        for name in shared:
+            if owner is not None and name not in pieces:
+                tied[name] = (pieces[owner][0].name, apply_renamings(name, saving))
+    return tied
 
 
 def _fused_pieces(base: HFModel, name: str, found: list[tuple[int, int, str]], shape: tuple[int, ...] | None,
