@@ -255,3 +255,69 @@ def test_a_tied_head_is_untied_only_when_the_merge_makes_it_differ(merged_family
         out = merged_family(name).out
         assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True, name
         assert "lm_head.weight" not in load_output(out), name
+
+
+def _cli(*args: str) -> Any:
+    from click.testing import CliRunner
+
+    from lorastream.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_plan_and_summary_count_changed_tensors_per_component(merged_family: Callable[[str], Merged],
+                                                             tmp_path: Path) -> None:
+    import logging
+
+    vlm, moe = merged_family("Qwen2-VL"), merged_family("Mixtral")
+    planned = _cli("plan", str(vlm.case.base), str(vlm.case.adapter), "-o", str(tmp_path / "vlm"), "--json")
+    assert planned.exit_code == 0, planned.output
+    counts = json.loads(planned.stdout)["changed"]
+    assert counts["vision tower"] >= 4 and counts["projector"] >= 2 and counts["language model"] >= 7
+    merged = _cli("merge", str(moe.case.base), str(moe.case.adapter), "-o", str(tmp_path / "moe"), "--json")
+    assert merged.exit_code == 0, merged.output
+    # 3 experts x (w1, w2, w3), one tensor each on disk; the router and attention in the language model
+    assert json.loads(merged.stdout)["changed"] == {"experts": 9, "language model": 5}
+    again = _cli("merge", str(moe.case.base), str(moe.case.adapter), "-o", str(tmp_path / "moe2"))
+    assert "changed 14 tensors: 9 experts, 5 language model" in again.stderr
+    assert sum(isinstance(h, logging.StreamHandler) for h in logging.getLogger("lorastream").handlers) == 1
+
+
+def test_an_adapter_for_another_model_is_refused_naming_its_modules(merged_family: Callable[[str], Merged],
+                                                                    tmp_path: Path) -> None:
+    llava, llama = merged_family("LLaVA"), merged_family("Mistral")
+    refused = _cli("merge", str(llama.case.base), str(llava.case.adapter), "-o", str(tmp_path / "out"))
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "LoRA modules have no weight in the base model" in refused.stderr
+    assert "15 LoRA modules" in refused.stderr and "'model.language_model.layers.0.mlp.down_proj'" in refused.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_class_transformers_does_not_have_is_refused(merged_family: Callable[[str], Merged],
+                                                             tmp_path: Path) -> None:
+    import shutil
+
+    llava = merged_family("LLaVA")
+    base = shutil.copytree(llava.case.base, tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "architectures": ["MyRemoteCodeVLM"]}))
+    refused = _cli("merge", str(base), str(llava.case.adapter), "-o", str(tmp_path / "out"))
+    assert refused.exit_code == 2, refused.output
+    assert "architectures ['MyRemoteCodeVLM'] is not a model class of transformers" in refused.stderr
+
+
+def test_experts_transformers_transposes_on_load_are_refused(tmp_path: Path) -> None:
+    """Qwen3-VL-MoE stores fused experts that transformers transposes when it loads them: not mapped back."""
+    family = Family("Qwen3-VL-MoE", "MoE", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeConfig",
+                    {"text_config": {**SMALL, "moe_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "head_dim": 8,
+                                     "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2]}},
+                     "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                                       "out_hidden_size": 32, "patch_size": 2, "spatial_merge_size": 1,
+                                       "temporal_patch_size": 1, "deepstack_visual_indexes": [0]}})
+    case = build_case(tmp_path, family.build(), torch.float32, target_modules=["q_proj"], r=2,
+                      target_parameters=MOE_PARAMETERS)
+    refused = _cli("merge", str(case.base), str(case.adapter), "-o", str(tmp_path / "out"))
+    assert refused.exit_code == 2, refused.output
+    assert "mlp.experts.gate_up_proj" in refused.stderr and "Transpose" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

@@ -356,6 +356,7 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...],
     for adapter, weight in adapters:
         if adapter.unresolved:
             raise InputError(f"{adapter.source}: target_parameters LoRA was read without its base model")
+        missing: list[str] = []
         for module, lora in adapter.modules.items():
             if lora.parameter is not None:
                 for name, delta in _parameter_deltas(base, on_disk, lora, weight):
@@ -364,8 +365,8 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...],
                 continue
             name = _base_name(base, on_disk, lora.weight_name)
             if name is None:
-                raise InputError(f"{lora.a.path}: module {module!r} has no weight in the base model "
-                                 f"{base.path} (an adapter for another model, or tied weights?)")
+                missing.append(module)
+                continue
             ref = base.sources[name]
             entry = found.setdefault(name, _Contributions())
             entry.deltas.append(Delta(lora, weight, _is_transposed(base, lora, ref)))
@@ -388,6 +389,11 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...],
                     raise InputError(f"{lora.bias.path}: module {module!r}: lora_B.bias of shape "
                                      f"{list(lora.bias.shape)} does not fit {bias_name!r}")
                 found.setdefault(bias_name, _Contributions()).bias_deltas.append((lora.bias, lora.scale * weight))
+        if missing:  # every adapter tensor is applied, or the merge is refused naming the ones that cannot be
+            more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+            shown = ", ".join(repr(m) for m in missing[:6]) + more
+            raise InputError(f"{adapter.source}: {len(missing)} LoRA modules have no weight in the base model "
+                             f"{base.path}: {shown} (an adapter for another model?)")
         for name, ref in adapter.replacements.items():
             target = _replaced(base, on_disk, adapter, name)
             if target is None:
