@@ -55,9 +55,18 @@ class Delta:
 
     @property
     def fp32_bytes(self) -> int:
-        """Memory the A and B tensors take while their module is merged (read, then upcast)."""
-        numel = self.lora.a.numel + self.lora.b.numel
-        return numel * (4 + self.lora.a.dtype.itemsize)
+        """Memory the A and B tensors take while their module is merged (read, then upcast); of one expert's factors
+        only its slice is kept (see `load_bytes`)."""
+        lora = self.lora
+        if lora.expert is None:
+            return (lora.a.numel + lora.b.numel) * (4 + lora.a.dtype.itemsize)
+        return lora.rank * sum(lora.update_shape) * 4
+
+    @property
+    def load_bytes(self) -> int:
+        """What one expert's delta holds for a moment while it is loaded: every expert's factors, read whole."""
+        lora = self.lora
+        return 0 if lora.expert is None else (lora.a.numel + lora.b.numel) * lora.a.dtype.itemsize + self.fp32_bytes
 
 
 @dataclass(frozen=True)
@@ -467,7 +476,8 @@ def _shards(tensors: list[OutputTensor], max_shard_size: int) -> tuple[Shard, ..
 def _adapter_bytes(tensor: OutputTensor, encoder_state: bool = True) -> int:
     """What one output holds while it computes `tensor`: its LoRA factors, DoRA magnitude, encoder state (on
     the host also with an accelerator)."""
-    return (sum(d.fp32_bytes for d in tensor.deltas) + (tensor.magnitude.numel * 8 if tensor.magnitude else 0)
+    return (sum(d.fp32_bytes for d in tensor.deltas) + max((d.load_bytes for d in tensor.deltas), default=0)
+            + (tensor.magnitude.numel * 8 if tensor.magnitude else 0)
             + sum(values.numel * 8 for values, _ in tensor.token_rows)
             + (tensor.encoding.state_bytes(tensor.source.numel) if tensor.encoding and encoder_state else 0))
 
