@@ -321,3 +321,110 @@ def test_experts_transformers_transposes_on_load_are_refused(tmp_path: Path) -> 
     assert refused.exit_code == 2, refused.output
     assert "mlp.experts.gate_up_proj" in refused.stderr and "Transpose" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def _state(model_class: type, folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    return model_class.from_pretrained(folder, dtype=dtype).state_dict()
+
+
+def test_nf4_moe_base_merges_onto_bitsandbytes_dequantization(tmp_path: Path) -> None:
+    """A QLoRA Mixtral: its attention stored NF4 by transformers + bitsandbytes (fused experts stay dense), merged
+    into a dense model equal to PEFT's merge onto bitsandbytes' own dequantization."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from peft.utils.integrations import dequantize_bnb_weight
+    from transformers import BitsAndBytesConfig
+
+    family = _moe("MixtralConfig", "MixtralForCausalLM", "Mixtral", torch.bfloat16, hidden_size=128,
+                  intermediate_size=128, num_local_experts=2, num_experts_per_tok=1, head_dim=32)
+    case = build_case(tmp_path, family.build(), torch.bfloat16, target_modules=["q_proj", "o_proj"], r=4,
+                      lora_alpha=8, target_parameters=MOE_PARAMETERS)
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    quantized = case.model_class.from_pretrained(case.base, dtype=torch.bfloat16, quantization_config=nf4)
+    quantized.save_pretrained(tmp_path / "nf4")
+    lorastream.merge(tmp_path / "nf4", case.adapter, tmp_path / "out")
+    dense = case.model_class.from_pretrained(case.base, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                dense.get_parameter(f"{name}.weight").copy_(dequantize_bnb_weight(module.weight,
+                                                                                  module.weight.quant_state))
+    expected = PeftModel.from_pretrained(dense, case.adapter).merge_and_unload().state_dict()
+    ours = _state(case.model_class, tmp_path / "out", torch.bfloat16)
+    assert set(ours) == set(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(ours[key], tensor), key
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def _second_adapter(merged: Merged, folder: Path) -> Path:
+    """Another adapter of the same shape for the merged case's base, with other random weights."""
+    from peft import LoraConfig, get_peft_model
+
+    model = merged.case.model_class.from_pretrained(merged.case.base, dtype=merged.case.dtype)
+    torch.manual_seed(7)
+    lora = {"target_modules": "all-linear", "r": 4, "lora_alpha": 8, **merged.family.lora}
+    get_peft_model(model, LoraConfig(init_lora_weights=False, **lora)).save_pretrained(folder)
+    return folder
+
+
+def test_weighted_parameter_adapters_sum_their_deltas_as_peft_scales_them(merged_family: Callable[[str], Merged],
+                                                                           tmp_path: Path) -> None:
+    """`--weights 0.7 0.3` on fused-expert adapters: W + 0.7·ΔW1 + 0.3·ΔW2. PEFT's add_weighted_adapter does not
+    take ParamWrapper layers; its equivalent is each adapter's scale set to its weight (`set_scale`), both merged."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    merged = merged_family("Mixtral")
+    case, second = merged.case, _second_adapter(merged, tmp_path / "second")
+    lorastream.merge(case.base, [case.adapter, second], tmp_path / "out", weights=[0.7, 0.3])
+    peft_model = PeftModel.from_pretrained(case.model_class.from_pretrained(case.base), case.adapter, adapter_name="a")
+    peft_model.load_adapter(second, adapter_name="b")
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            for name, weight in (("a", 0.7), ("b", 0.3)):
+                if name in module.scaling:
+                    module.set_scale(name, weight)
+    expected = peft_model.merge_and_unload(adapter_names=["a", "b"]).state_dict()
+    ours = _state(case.model_class, tmp_path / "out")
+    experts = "model.layers.0.mlp.experts.gate_up_proj"
+    assert not torch.equal(ours[experts], _state(case.model_class, merged.out)[experts])
+    for key, tensor in expected.items():  # PEFT adds one adapter after the other: one rounding apart
+        torch.testing.assert_close(ours[key], tensor, rtol=1e-6, atol=1e-6)
+
+
+def test_each_on_moe_adapters_equals_merging_each_alone(merged_family: Callable[[str], Merged],
+                                                        tmp_path: Path) -> None:
+    merged = merged_family("Mixtral")
+    second = _second_adapter(merged, tmp_path / "second")
+    (tmp_path / "first").symlink_to(merged.case.adapter)
+    lorastream.merge_each(merged.case.base, [tmp_path / "first", second], tmp_path / "each")
+    lorastream.merge(merged.case.base, second, tmp_path / "alone")
+    for each, alone in ((tmp_path / "each" / "first", merged.out), (tmp_path / "each" / "second", tmp_path / "alone")):
+        assert load((each / "model.safetensors").read_bytes()) == load((alone / "model.safetensors").read_bytes())
+        assert (each / "config.json").read_bytes() == (alone / "config.json").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["Mixtral", "LLaVA"])
+def test_remote_inputs_and_output_equal_the_local_merge(name: str, merged_family: Callable[[str], Merged]) -> None:
+    """Base and adapter read from, and the output written to, fsspec's in-memory filesystem."""
+    import fsspec
+
+    merged = merged_family(name)
+    fs = fsspec.filesystem("memory")
+    root = f"/families/{name}"
+    fs.put(str(merged.case.base), f"{root}/base", recursive=True)
+    fs.put(str(merged.case.adapter), f"{root}/adapter", recursive=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lorastream.planner, "MAX_BLOCK_ELEMENTS", 1)
+        lorastream.merge(f"memory://{root}/base", f"memory://{root}/adapter", f"memory://{root}/out")
+    ours = fs.cat_file(f"{root}/out/model.safetensors")
+    assert load(ours) == load((merged.out / "model.safetensors").read_bytes())
+
+
+def load(data: bytes) -> dict[str, bytes]:
+    """A safetensors file's tensors as bytes (its metadata names the input paths, so it is left out)."""
+    from safetensors.torch import load
+
+    return {k: v.view(torch.uint8).numpy().tobytes() for k, v in load(data).items()}
