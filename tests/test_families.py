@@ -155,22 +155,30 @@ FAMILIES = [
             "vocab_size": 96, "num_labels": 3},
            {"target_modules": ["query", "key", "value", "dense"], "modules_to_save": ["classifier"]}),
     # vocabulary and embeddings
-    Family("Llama, added tokens", "vocabulary", "LlamaForCausalLM", "LlamaConfig", SMALL,
+    Family("Llama + added tokens", "vocabulary", "LlamaForCausalLM", "LlamaConfig", SMALL,
            {"modules_to_save": ["embed_tokens", "lm_head"]}, prepare=_resize,
            note="vocabulary resized to 104; config vocab_size follows"),
-    Family("Llama, trainable tokens", "vocabulary", "LlamaForCausalLM", "LlamaConfig", SMALL,
+    Family("Llama + trainable tokens", "vocabulary", "LlamaForCausalLM", "LlamaConfig", SMALL,
            {"trainable_token_indices": [3, 17, 40]}),
-    Family("Llama tied, trainable tokens", "vocabulary", "LlamaForCausalLM", "LlamaConfig",
+    Family("Llama tied + trainable tokens", "vocabulary", "LlamaForCausalLM", "LlamaConfig",
            {**SMALL, "tie_word_embeddings": True}, {"trainable_token_indices": [3, 17, 40]}),
-    Family("Llama tied, LoRA on the embedding", "vocabulary", "LlamaForCausalLM", "LlamaConfig",
+    Family("Llama tied + LoRA on the embedding", "vocabulary", "LlamaForCausalLM", "LlamaConfig",
            {**SMALL, "tie_word_embeddings": True}, {"target_modules": [*LLAMA_LINEARS, "embed_tokens"]}),
-    Family("Llama tied, LoRA on the head", "vocabulary", "LlamaForCausalLM", "LlamaConfig",
+    Family("Llama tied + LoRA on the head", "vocabulary", "LlamaForCausalLM", "LlamaConfig",
            {**SMALL, "tie_word_embeddings": True}, {"target_modules": [*LLAMA_LINEARS, "lm_head"]}),
-    Family("Llama tied, head trained whole", "vocabulary", "LlamaForCausalLM", "LlamaConfig",
+    Family("Llama tied + head trained whole", "vocabulary", "LlamaForCausalLM", "LlamaConfig",
            {**SMALL, "tie_word_embeddings": True}, {"modules_to_save": ["lm_head"]},
            note="written untied: tie_word_embeddings false"),
 ]
 BY_NAME = {family.name: family for family in FAMILIES}
+# What is refused, each by a test below (and listed in docs/architectures.md).
+REFUSED = [
+    ("Qwen3-VL-MoE (LoRA on its fused experts)", "transformers transposes those experts when it loads them "
+     "(`Transpose`); lorastream maps renames and expert stacking back to the checkpoint, not that"),
+    ("a model class transformers does not have (remote code)", "its in-memory module names cannot be mapped to the "
+     "checkpoint's tensors without the class"),
+    ("an adapter for another model", "its LoRA modules have no weight in the base; the refusal names them"),
+]
 
 
 @dataclass(frozen=True)
@@ -240,7 +248,7 @@ def test_every_parameter_and_the_logits_equal_peft(name: str, merged_family: Cal
 
 def test_added_tokens_resize_the_config_and_bring_the_adapters_tokenizer(
         merged_family: Callable[[str], Merged]) -> None:
-    merged = merged_family("Llama, added tokens")
+    merged = merged_family("Llama + added tokens")
     config = json.loads((merged.out / "config.json").read_text())
     assert config["vocab_size"] == 104
     assert json.loads((merged.out / "tokenizer_config.json").read_text()) == {"from": "adapter"}
@@ -248,10 +256,11 @@ def test_added_tokens_resize_the_config_and_bring_the_adapters_tokenizer(
 
 
 def test_a_tied_head_is_untied_only_when_the_merge_makes_it_differ(merged_family: Callable[[str], Merged]) -> None:
-    untied = merged_family("Llama tied, head trained whole").out
+    untied = merged_family("Llama tied + head trained whole").out
     assert json.loads((untied / "config.json").read_text())["tie_word_embeddings"] is False
     assert "lm_head.weight" in load_output(untied)
-    for name in ("Llama tied, LoRA on the head", "Llama tied, LoRA on the embedding", "Llama tied, trainable tokens"):
+    kept = ("Llama tied + LoRA on the head", "Llama tied + LoRA on the embedding", "Llama tied + trainable tokens")
+    for name in kept:
         out = merged_family(name).out
         assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True, name
         assert "lm_head.weight" not in load_output(out), name
@@ -428,3 +437,12 @@ def load(data: bytes) -> dict[str, bytes]:
     from safetensors.torch import load
 
     return {k: v.view(torch.uint8).numpy().tobytes() for k, v in load(data).items()}
+
+
+def test_the_architecture_tables_are_current() -> None:
+    import subprocess
+    import sys
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "architectures.py"
+    done = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
