@@ -342,9 +342,9 @@ def _parameter_deltas(base: HFModel, on_disk: TensorLayout | None, lora: LoraMod
                                  f"{target.name!r} {list(target.shape)}")
             if experts == 1:
                 deltas.append((piece.name, Delta(lora, weight, False)))
-            for expert in range(experts if experts > 1 else 0):
-                part = dataclasses.replace(lora, expert=expert, row_offset=expert * rows)
-                deltas.append((piece.name, Delta(part, weight, target.transposed)))
+            else:  # [experts, rows, cols] read as experts x rows rows: each expert's update at its rows
+                deltas += [(piece.name, Delta(dataclasses.replace(lora, expert=e, row_offset=e * rows), weight,
+                                              target.transposed)) for e in range(experts)]
         else:
             if target.transposed or ref.shape[-1] != cols:
                 raise InputError(f"{ref.path}: tensor {piece.name!r} of shape {list(ref.shape)} is not a row block "

@@ -27,7 +27,7 @@ TOKENIZER_FILES = frozenset({
 })
 # Components the merge summary counts changed tensors in (the first whose pattern matches a tensor's name).
 _COMPONENTS = (
-    ("experts", re.compile(r"(^|\.)(experts|block_sparse_moe\.experts)\.")),
+    ("experts", re.compile(r"(^|\.)(shared_)?experts\.")),
     ("projector", re.compile(r"(^|\.)(multi_modal_projector|mm_projector|connector|merger|projector)\.")),
     ("vision tower", re.compile(r"(^|\.)(vision_tower|visual|vision_model|vision_encoder|image_encoder|vit)\.")),
     ("audio tower", re.compile(r"(^|\.)(audio_tower|audio_encoder)\.")),

@@ -33,7 +33,6 @@ from ..planner import Piece
 class Layout:
     """The model's in-memory tensors and the on-disk pieces each is loaded from."""
 
-    architecture: str
     pieces: dict[str, tuple[Piece, ...]]
     shapes: dict[str, tuple[int, ...]]
     unsupported: dict[str, str] = field(default_factory=dict)
@@ -130,8 +129,8 @@ def checkpoint_layout(base: HFModel) -> Layout:
         parameters.setdefault(module, []).append(leaf)
     transposed = frozenset(n for n, m in model.named_modules() if getattr(m, "is_transposed", False))
     found = {n: tuple(p) for n, p in pieces.items() if p}
-    return Layout(type(model).__name__, found, {n: tuple(t.shape) for n, t in meta.items()}, unsupported,
-                  parameters, transposed, _tied(model, found))
+    return Layout(found, {n: tuple(t.shape) for n, t in meta.items()}, unsupported, parameters, transposed,
+                  _tied(model, found))
 
 
 def _tied(model: Any, pieces: dict[str, tuple[Piece, ...]]) -> dict[str, tuple[str, str]]:
