@@ -336,35 +336,43 @@ def _state(model_class: type, folder: Path, dtype: torch.dtype = torch.float32) 
     return model_class.from_pretrained(folder, dtype=dtype).state_dict()
 
 
-def test_nf4_moe_base_merges_onto_bitsandbytes_dequantization(tmp_path: Path) -> None:
-    """A QLoRA Mixtral: its attention stored NF4 by transformers + bitsandbytes (fused experts stay dense), merged
-    into a dense model equal to PEFT's merge onto bitsandbytes' own dequantization."""
+def _merged_nf4_equals_peft(case: Case, root: Path) -> int:
+    """Quantize the case's base to NF4 with transformers + bitsandbytes (as a QLoRA base is), merge the adapter into
+    it, and compare with PEFT's merge onto bitsandbytes' own dequantization; the count of NF4-stored weights."""
     import bitsandbytes as bnb
     from peft import PeftModel
     from peft.utils.integrations import dequantize_bnb_weight
     from transformers import BitsAndBytesConfig
 
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    quantized = case.model_class.from_pretrained(case.base, dtype=torch.bfloat16, quantization_config=nf4)
+    quantized.save_pretrained(root / "nf4")
+    lorastream.merge(root / "nf4", case.adapter, root / "out")
+    dense = case.model_class.from_pretrained(case.base, dtype=torch.bfloat16)
+    stored = 0
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                stored += 1
+                dense.get_parameter(f"{name}.weight").copy_(dequantize_bnb_weight(module.weight,
+                                                                                  module.weight.quant_state))
+    expected = PeftModel.from_pretrained(dense, case.adapter).merge_and_unload().state_dict()
+    ours = _state(case.model_class, root / "out", torch.bfloat16)
+    assert set(ours) == set(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(ours[key], tensor), key
+    assert "quantization_config" not in json.loads((root / "out" / "config.json").read_text())
+    return stored
+
+
+def test_nf4_moe_base_merges_onto_bitsandbytes_dequantization(tmp_path: Path) -> None:
+    """A QLoRA Mixtral: its attention stored NF4 (the fused experts stay dense in memory, per expert on disk)."""
     family = _moe("MixtralConfig", "MixtralForCausalLM", "Mixtral", torch.bfloat16, hidden_size=128,
                   intermediate_size=128, num_local_experts=2, num_experts_per_tok=1, head_dim=32)
     case = build_case(tmp_path, family.build(), torch.bfloat16, target_modules=["q_proj", "o_proj"], r=4,
                       lora_alpha=8, target_parameters=MOE_PARAMETERS)
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    quantized = case.model_class.from_pretrained(case.base, dtype=torch.bfloat16, quantization_config=nf4)
-    quantized.save_pretrained(tmp_path / "nf4")
-    lorastream.merge(tmp_path / "nf4", case.adapter, tmp_path / "out")
-    dense = case.model_class.from_pretrained(case.base, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for name, module in quantized.named_modules():
-            if isinstance(module, bnb.nn.Linear4bit):
-                dense.get_parameter(f"{name}.weight").copy_(dequantize_bnb_weight(module.weight,
-                                                                                  module.weight.quant_state))
-    expected = PeftModel.from_pretrained(dense, case.adapter).merge_and_unload().state_dict()
-    ours = _state(case.model_class, tmp_path / "out", torch.bfloat16)
-    assert set(ours) == set(expected)
-    for key, tensor in expected.items():
-        assert torch.equal(ours[key], tensor), key
-    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert _merged_nf4_equals_peft(case, tmp_path) == 4
 
 
 def _second_adapter(merged: Merged, folder: Path) -> Path:
@@ -446,3 +454,17 @@ def test_the_architecture_tables_are_current() -> None:
     tool = Path(__file__).resolve().parent.parent / "tools" / "architectures.py"
     done = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_nf4_vision_language_base_merges_onto_bitsandbytes_dequantization(tmp_path: Path) -> None:
+    """A QLoRA LLaVA: language model, vision tower and projector stored NF4 under their on-disk names
+    (`language_model.model.layers...`), the adapter naming them as transformers does in memory."""
+    text = {**SMALL, "hidden_size": 64, "intermediate_size": 128, "head_dim": 16}
+    family = Family("LLaVA", "vision-language", "LlavaForConditionalGeneration", "LlavaConfig",
+                    {"text_config": {"model_type": "llama", **text},
+                     "vision_config": {"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128,
+                                       "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 16,
+                                       "patch_size": 8, "projection_dim": 64},
+                     "image_token_index": 95})
+    case = build_case(tmp_path, family.build(), torch.bfloat16, target_modules="all-linear", r=4, lora_alpha=8)
+    assert _merged_nf4_equals_peft(case, tmp_path) >= 12, "the towers and the projector are stored NF4"
