@@ -468,3 +468,17 @@ def test_nf4_vision_language_base_merges_onto_bitsandbytes_dequantization(tmp_pa
                      "image_token_index": 95})
     case = build_case(tmp_path, family.build(), torch.bfloat16, target_modules="all-linear", r=4, lora_alpha=8)
     assert _merged_nf4_equals_peft(case, tmp_path) >= 12, "the towers and the projector are stored NF4"
+
+
+def test_quantized_moe_output_keeps_fused_experts_dense(merged_family: Callable[[str], Merged], tmp_path: Path) -> None:
+    """`--quantize nf4` writes what transformers + bitsandbytes would: linear layers 4-bit, fused expert parameters
+    (per-expert tensors on disk) dense, since bitsandbytes quantizes `nn.Linear` only; transformers loads it."""
+    merged = merged_family("Mixtral (bf16)")
+    lorastream.merge(merged.case.base, merged.case.adapter, tmp_path / "out", quantize="nf4")
+    ours, dense = load_output(tmp_path / "out"), load_output(merged.out)
+    expert = "model.layers.0.block_sparse_moe.experts.1.w3.weight"
+    assert torch.equal(ours[expert], dense[expert])
+    assert ours["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
+    loaded = merged.case.model_class.from_pretrained(tmp_path / "out")
+    assert torch.equal(loaded.model.layers[0].mlp.experts.down_proj[1],
+                       dense["model.layers.0.block_sparse_moe.experts.1.w2.weight"])

@@ -255,6 +255,9 @@ class TensorLayout(Protocol):
     @property
     def tied(self) -> dict[str, tuple[str, str]]: ...
 
+    @property
+    def linear(self) -> frozenset[str]: ...
+
 
 def _pieces(base: HFModel, on_disk: TensorLayout | None, name: str) -> tuple[Piece, ...] | None:
     """The on-disk tensors holding the in-memory tensor `name`: through transformers' conversions when the
@@ -536,19 +539,22 @@ def skip_modules(base: HFModel) -> list[str]:
     return list(configured) if configured else ["lm_head"]
 
 
-def _is_quantizable(tensor: OutputTensor, base: HFModel) -> bool:
-    """Whether transformers would store `tensor` quantized: a linear weight outside the skip list."""
+def _is_quantizable(tensor: OutputTensor, base: HFModel, on_disk: TensorLayout | None) -> bool:
+    """Whether transformers would store `tensor` quantized: a linear weight outside the skip list. Where the model's
+    layout is known, only an `nn.Linear`'s weight: bitsandbytes leaves other modules' parameters dense (a router, a
+    fused-experts parameter, whose pieces are 2-D tensors on disk)."""
     module = tensor.name.removesuffix(".weight")
     linear = len(tensor.shape) == 2 and tensor.name.endswith(".weight") and tensor.source.dtype.is_floating_point
     skipped = any(module == skip or module.endswith(f".{skip}") for skip in skip_modules(base))
-    return linear and not skipped and not _KEPT_DENSE.search(tensor.name)
+    in_memory = on_disk is None or tensor.name in on_disk.linear
+    return linear and in_memory and not skipped and not _KEPT_DENSE.search(tensor.name)
 
 
 def _trained_on(tensor: OutputTensor, base: HFModel, encoding: Bnb4Encoding,
-                round_trips: dict[str, RoundTripSource]) -> OutputTensor:
+                round_trips: dict[str, RoundTripSource], on_disk: TensorLayout | None) -> OutputTensor:
     """Read a dense linear weight through 4-bit quantization, as QLoRA training saw it (one source per base
     tensor in `round_trips`, so outputs of one pass read it once)."""
-    if not _is_quantizable(tensor, base) or tensor.is_replacement:
+    if not _is_quantizable(tensor, base, on_disk) or tensor.is_replacement:
         return tensor
     if not isinstance(tensor.source, TensorRef):
         raise InputError(f"{tensor.source.path}: {tensor.name} is already quantized; --trained-on applies to a "
@@ -593,9 +599,10 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
         tensors = _output_tensors(base, found, dtype)
         vocab = new_vocab_size(base, {t.name: t.shape for t in tensors if t.is_replacement})
         if trained_on is not None:
-            tensors = [_trained_on(t, base, trained_on, round_trips) for t in tensors]
+            tensors = [_trained_on(t, base, trained_on, round_trips, on_disk) for t in tensors]
         if quantize is not None:
-            tensors = [dataclasses.replace(t, encoding=quantize) if _is_quantizable(t, base) else t for t in tensors]
+            tensors = [dataclasses.replace(t, encoding=quantize) if _is_quantizable(t, base, on_disk) else t
+                       for t in tensors]
         shards = _shards(tensors, max_shard_size)
         if planned and layout(shards) != layout(planned[0][3]):
             raise InputError(f"{frozen[0][0].source}: adds tensors the base does not have, so its output is laid "

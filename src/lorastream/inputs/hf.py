@@ -99,20 +99,22 @@ def _adapters(paths: list[PathLike], weights: Sequence[float] | None,
     return [(read_peft_adapter(location(p), resolver), float(w)) for p, w in zip(paths, weights, strict=True)]
 
 
-def _on_disk(model: HFModel, jobs: list[tuple[list[PathLike], Sequence[float] | None]]) -> Layout | None:
-    """transformers' map of the model's in-memory tensors to the checkpoint's, when an adapter needs it: it targets
-    `nn.Parameter`s, or names a tensor the checkpoint does not hold under that name (see inputs/targets.py).
-    transformers is imported only then."""
+def _on_disk(model: HFModel, jobs: list[tuple[list[PathLike], Sequence[float] | None]],
+             quantizing: bool) -> Layout | None:
+    """transformers' map of the model's in-memory tensors to the checkpoint's, when an adapter needs it (it targets
+    `nn.Parameter`s, or names a tensor the checkpoint does not hold under that name), or when `quantizing` (which
+    tensors bitsandbytes quantizes depends on what they are in memory); see inputs/targets.py. transformers is
+    imported only then."""
     adapters = [read_peft_adapter(location(p)) for paths, _ in jobs for p in paths]
     needed = any(a.unresolved or not named_on_disk(model, a, replacements=False) for a in adapters)
-    if not needed and all(named_on_disk(model, a) for a in adapters):
+    if not needed and not quantizing and all(named_on_disk(model, a) for a in adapters):
         return None
     try:
         return checkpoint_layout(model)
     except InputError:
         if needed:
             raise
-        return None  # only whole tensors the base lacks (a new head): written under the adapter's names
+        return None  # only a new whole tensor (a head), or quantizing a model class transformers lacks
 
 
 def plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] | None]], out_dirs: list[Location],
@@ -125,7 +127,8 @@ def plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] |
     io_buffers = sum(io_buffer_bytes(remote_inputs if k == 0 else [], out_dir, shard_bytes, 4 * MAX_BLOCK_ELEMENTS)
                      for k, out_dir in enumerate(out_dirs))
     compute = chosen or config_dtype(model.config, torch.bfloat16)
-    layout = _on_disk(model, jobs)  # before the baseline is measured: it may import transformers
+    # before the baseline is measured: it may import transformers
+    layout = _on_disk(model, jobs, options.quantize is not None or options.trained_on is not None)
     adapters = [_adapters(paths, weights, layout) for paths, weights in jobs]
     return make_plans(model, adapters, out_dirs,  # type: ignore[arg-type]
                       budget=parse_size(options.max_memory) if options.max_memory is not None else default_budget(),

@@ -40,6 +40,7 @@ class Layout:
     transposed: frozenset[str] = frozenset()
     # a tied head (no tensor of its own on disk) -> (the on-disk tensor it shares, the name it is saved under alone)
     tied: dict[str, tuple[str, str]] = field(default_factory=dict)
+    linear: frozenset[str] = frozenset()  # on-disk names of `nn.Linear` weights (what bitsandbytes quantizes)
 
     def parameter_target(self, wrapper: str, targets: list[str]) -> ParameterTarget | None:
         """The parameter a PEFT `ParamWrapper` at `wrapper` (`module.base_layer...`, one `.base_layer` per wrapper
@@ -129,8 +130,10 @@ def checkpoint_layout(base: HFModel) -> Layout:
         parameters.setdefault(module, []).append(leaf)
     transposed = frozenset(n for n, m in model.named_modules() if getattr(m, "is_transposed", False))
     found = {n: tuple(p) for n, p in pieces.items() if p}
+    linear = frozenset(found[f"{n}.weight"][0].name for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and len(found.get(f"{n}.weight", ())) == 1)
     return Layout(found, {n: tuple(t.shape) for n, t in meta.items()}, unsupported, parameters, transposed,
-                  _tied(model, found))
+                  _tied(model, found), linear)
 
 
 def _tied(model: Any, pieces: dict[str, tuple[Piece, ...]]) -> dict[str, tuple[str, str]]:
