@@ -104,9 +104,15 @@ def _on_disk(model: HFModel, jobs: list[tuple[list[PathLike], Sequence[float] | 
     `nn.Parameter`s, or names a tensor the checkpoint does not hold under that name (see inputs/targets.py).
     transformers is imported only then."""
     adapters = [read_peft_adapter(location(p)) for paths, _ in jobs for p in paths]
-    if any(a.unresolved for a in adapters) or any(not named_on_disk(model, a) for a in adapters):
+    needed = any(a.unresolved or not named_on_disk(model, a, replacements=False) for a in adapters)
+    if not needed and all(named_on_disk(model, a) for a in adapters):
+        return None
+    try:
         return checkpoint_layout(model)
-    return None
+    except InputError:
+        if needed:
+            raise
+        return None  # only whole tensors the base lacks (a new head): written under the adapter's names
 
 
 def plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] | None]], out_dirs: list[Location],

@@ -56,11 +56,12 @@ class Layout:
         return ParameterTarget(name, self.shapes[name], module in self.transposed)
 
 
-def named_on_disk(base: HFModel, adapter: Adapter) -> bool:
-    """Whether every tensor `adapter` changes is in the checkpoint under the name it uses (the common case, which
-    needs no conversion rules: no transformers import)."""
-    names = ([lora.weight_name for lora in adapter.modules.values()] + list(adapter.replacements)
-             + [f"{module}.weight" for module in adapter.token_rows])
+def named_on_disk(base: HFModel, adapter: Adapter, replacements: bool = True) -> bool:
+    """Whether every tensor `adapter` changes (of its whole-tensor `replacements` too, unless told otherwise) is
+    in the checkpoint under the name it uses: the common case, which needs no conversion rules (no transformers
+    import)."""
+    names = ([lora.weight_name for lora in adapter.modules.values()] + [f"{m}.weight" for m in adapter.token_rows]
+             + (list(adapter.replacements) if replacements else []))
     return all(n in base.sources or (n.count(".") > 1 and n.split(".", 1)[1] in base.sources) for n in names)
 
 
