@@ -99,14 +99,14 @@ def test_read_returns_stored_values(sample_file: Path) -> None:
 
 def test_read_rows_reused_buffer(sample_file: Path) -> None:
     """Row ranges of a 3-D and a 2-D tensor read into one reused buffer as [rows, row_elements]: every dimension
-    but the last forms the rows (a fused-experts tensor is read in blocks smaller than one expert); a 1-D tensor is
+    but the last counts rows (a fused-experts tensor streams in blocks smaller than one expert); a 1-D tensor is
     one row."""
     parsed = read_header(sample_file)
     expected = sample_tensors()
     buffer = memoryview(bytearray(1024))
     cube = parsed.tensors["f32.3d"]
     assert (cube.rows, cube.row_elements) == (15, 4)
-    for start, stop in [(0, 2), (2, 5), (1, 14), (3, 3), (7, 15)]:
+    for start, stop in [(0, 2), (2, 15), (4, 9), (3, 3)]:
         rows = expected["f32.3d"].reshape(15, 4)[start:stop]
         assert same(cube.read_rows(start, stop, buffer).clone(), rows)
     bf16 = parsed.tensors["bf16"]
