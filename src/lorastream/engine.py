@@ -27,6 +27,7 @@ from .codecs.plain import TensorRef
 from .device import CPU, Accelerator
 from .errors import InputError, ResourceError
 from .io.locations import RemotePath
+from .lora_product import lora_mm
 from .memory import format_size, keep_heap_bounded
 from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan, Shard, layout
 
@@ -238,12 +239,12 @@ class _LoadedDelta:
         rows = last - first
         if self.transposed:
             cols = self.b.shape[0]
-            product = torch.mm(self.b, self.a[:, first:last],
-                               out=scratch.view(self.a.dtype)[: rows * cols].view(cols, rows)).T
+            product = lora_mm(self.b, self.a[:, first:last],
+                              scratch.view(self.a.dtype)[: rows * cols].view(cols, rows)).T
         else:
             cols = self.a.shape[1]
-            product = torch.mm(self.b[first:last], self.a,
-                               out=scratch.view(self.a.dtype)[: rows * cols].view(rows, cols))
+            product = lora_mm(self.b[first:last], self.a,
+                              scratch.view(self.a.dtype)[: rows * cols].view(rows, cols))
         return self._scaled(product)
 
     def add_rows(self, work: torch.Tensor, scratch: torch.Tensor, start: int, stop: int) -> None:
