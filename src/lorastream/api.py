@@ -68,7 +68,7 @@ def merge(base: PathLike | None, adapters: PathLike | Sequence[PathLike], out: P
     out_dir = location(out).absolute()
     paths = hf_input.adapter_paths(adapters)
     model = hf_input.resolve_base(base, paths, chosen.revision)
-    hf_input.check_output(model, paths, out_dir, chosen.overwrite)
+    hf_input.check_output(model, paths, out_dir, chosen.overwrite, chosen.format == "gguf")
     gpu = hf_input.gpu(chosen)
     jobs = hf_input.plan_pass(model, [(paths, chosen.weights)], [out_dir], chosen, gpu)
     return pipeline.run(hf_input.outputs(jobs, chosen, gpu), chosen, progress, gpu)[0]
@@ -83,10 +83,10 @@ def merge_each(base: PathLike | None, adapters: Sequence[PathLike], out: PathLik
     same options, and has its own staging folder: atomic, and resumed by rerunning the same command.
     """
     chosen = MergeOptions.of(options, fields)
-    out_dirs = hf_input.each_destinations(adapters, out)
+    out_dirs = hf_input.each_destinations(adapters, out, hf_input.suffix(chosen))
     model = hf_input.resolve_base(base, adapters, chosen.revision)
     for adapter, out_dir in zip(adapters, out_dirs, strict=True):
-        hf_input.check_output(model, [adapter], out_dir, chosen.overwrite)
+        hf_input.check_output(model, [adapter], out_dir, chosen.overwrite, chosen.format == "gguf")
     gpu = hf_input.gpu(chosen)
     jobs = hf_input.plan_pass(model, [([a], None) for a in adapters], out_dirs, chosen, gpu)
     return pipeline.run(hf_input.outputs(jobs, chosen, gpu), chosen, progress, gpu)

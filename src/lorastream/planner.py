@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,6 +200,8 @@ class Plan:
     dtype: torch.dtype | None
     targets: dict[str, list[str]] = field(default_factory=dict)
     quantize: Encoding | None = None
+    # a single-file format's bytes before the tensor data, computed while planning (the GGUF header)
+    preamble: bytes = b""
 
     @property
     def total_size(self) -> int:
@@ -429,10 +431,15 @@ def make_plan(base: HFModel, adapters: list[tuple[Adapter, float]], out_dir: Pat
 def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_dirs: Sequence[Path], *, budget: int,
                baseline: int, disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
                quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None,
-               io_buffers: int = 0, gpu_budget: int = 0, gpu_libraries: int = 0) -> list[Plan]:
+               io_buffers: int = 0, gpu_budget: int = 0, gpu_libraries: int = 0,
+               arrange: Callable[[list[OutputTensor]], list[OutputTensor]] | None = None, single_file: str = "",
+               preamble: bytes = b"") -> list[Plan]:
     """Plan each of `jobs` (adapters with weights) merged into `base` on its own, all produced in one pass over
     the base (`merge --each`): a base tensor is one source for every plan, so the engine reads each row block
-    once, and the plans share one memory plan that holds every output's buffers and adapter tensors."""
+    once, and the plans share one memory plan that holds every output's buffers and adapter tensors.
+
+    A single-file format (GGUF) passes `arrange`, which orders, names and encodes the tensors its way, the
+    `single_file` name of its one shard, and the `preamble` written before the tensor data."""
     if quantize is not None and base.model_type in CONV1D_MODEL_TYPES:
         raise InputError(f"{base.path}: {base.model_type} stores linear layers as Conv1D; writing them "
                          "quantized is not supported")
@@ -446,7 +453,9 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
             tensors = [_trained_on(t, base, trained_on, round_trips) for t in tensors]
         if quantize is not None:
             tensors = [dataclasses.replace(t, encoding=quantize) if _is_quantizable(t, base) else t for t in tensors]
-        shards = _shards(tensors, max_shard_size)
+        if arrange is not None:
+            tensors = arrange(tensors)
+        shards = (Shard(single_file, tuple(tensors)),) if single_file else _shards(tensors, max_shard_size)
         if planned and layout(shards) != layout(planned[0][3]):
             raise InputError(f"{frozen[0][0].source}: adds tensors the base does not have, so its output is laid "
                              "out unlike the others'; merge it on its own")
@@ -454,8 +463,8 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
     memory = _memory_plan([tensors for _, _, tensors, _ in planned], budget, baseline, io_buffers, gpu_budget,
                           gpu_libraries)
     return [Plan(base, frozen, out_dir, tuple(tensors), shards, memory,
-                 sum(s.nbytes for s in shards) + HEADER_ALLOWANCE * len(shards), disk_free, max_shard_size, dtype,
-                 targets, quantize)
+                 sum(s.nbytes for s in shards) + max(HEADER_ALLOWANCE, len(preamble)) * len(shards), disk_free,
+                 max_shard_size, dtype, targets, quantize, preamble)
             for (frozen, targets, tensors, shards), out_dir in zip(planned, out_dirs, strict=True)]
 
 
