@@ -366,7 +366,8 @@ def _memory_plan(outputs: Sequence[Sequence[OutputTensor]], budget: int, baselin
     min_elements = max(t.min_block_rows * t.row_elements for t in decoded)
     per_element = sum(size for _, size in in_flight)
     # the compiled codec kernels, loaded on first use (after the baseline was measured)
-    coded = any(getattr(t.source, "uses_kernels", False) or t.encoding is not None for t in decoded)
+    coded = any(getattr(t.source, "uses_kernels", False) or getattr(t.encoding, "uses_kernels", t.encoding is not None)
+                for t in decoded)
     reserve = RESERVE_BYTES + (kernels.load_bytes() if coded else 0)
     spare = budget - baseline - reserve - io_buffers - adapter_peak
     elements = min(MAX_BLOCK_ELEMENTS, spare // per_element)

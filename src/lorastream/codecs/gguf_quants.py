@@ -98,6 +98,8 @@ class GGUFEncoding:
     head_rows: int = 0
     shift: float = 0.0  # added after rounding (Gemma's norms: llama.cpp stores 1 + w)
 
+    uses_kernels = False  # gguf-py's numpy quantizers and ggml's library, not lorastream's compiled kernels
+
     def row_alignment(self, row_elements: int) -> int:
         return max(1, self.head_rows)
 

@@ -97,6 +97,11 @@ def arrangement(model: HFModel, dtype: str | None, quantize: str | None) -> GGUF
     family.parameters(writer, hparams, block_count(hparams), int(gguf.LlamaFileType[file_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocab(writer, Path(str(model.path)), family.vocab, hparams.get("vocab_size"))
+    if quantize not in (None, "q8_0"):  # llama-quantize sets these two last, moving them to the end
+        for key in (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE):
+            writer.remove_key(key)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(int(gguf.LlamaFileType[file_type]))
     for tensor in tensors:
         assert tensor.qtype is not None
         spec = TensorSpec(*GGUFEncoding(tensor.qtype, torch.float32).specs(tensor.name, tensor.shape)[0])

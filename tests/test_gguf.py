@@ -1,0 +1,266 @@
+"""`--format gguf` against llama.cpp itself: the converter (`convert_hf_to_gguf.py`) on PEFT's merged folder for
+dense types and q8_0, `llama-quantize` on the converter's file for the other presets; byte for byte, per family.
+
+The llama.cpp reference (the llama-cpp-python sdist's vendor/llama.cpp, built with cmake) is made by
+`make llama-cpp` into LORASTREAM_CACHE (default ~/.cache/lorastream); `make test` depends on it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+from conftest import Case, build_case, peft_reference, tiny_gpt2, tiny_llama
+
+import lorastream
+from lorastream.errors import InputError
+
+LLAMA_CPP = Path(os.environ.get("LORASTREAM_CACHE") or Path.home() / ".cache" / "lorastream") / "llama.cpp"
+CONVERTER = LLAMA_CPP / "src" / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+QUANTIZE = LLAMA_CPP / "build" / "bin" / "llama-quantize"
+QWEN2_TOKENIZER = LLAMA_CPP / "qwen2-tokenizer"
+# Keys that name where a file came from, not what it holds.
+PROVENANCE = ("general.name", "general.size_label", "general.basename", "general.finetune", "general.base_model")
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
+
+
+def test_llama_cpp_reference_is_built() -> None:
+    assert CONVERTER.is_file() and QUANTIZE.is_file(), "run `make llama-cpp` (tools/llama_cpp.sh) first"
+
+
+@dataclass(frozen=True)
+class Family:
+    case: Case
+    merged: Path  # PEFT's merge_and_unload, saved with the base's tokenizer files: the converter's input
+    work: Path
+
+    def reference(self, qtype: str) -> Path:
+        """llama.cpp's own file for `qtype`: the converter's for f32/f16/bf16/q8_0, llama-quantize's (from the
+        converter's bf16 file) for the other presets; each made once per session."""
+        out = self.work / f"reference-{qtype}.gguf"
+        if out.exists():
+            return out
+        if qtype in ("f32", "f16", "bf16", "q8_0"):
+            subprocess.run([sys.executable, str(CONVERTER), str(self.merged), "--outfile", str(out), "--outtype",
+                            qtype], check=True, capture_output=True)
+        else:
+            env = {**os.environ, "LD_LIBRARY_PATH": str(QUANTIZE.parent)}
+            subprocess.run([str(QUANTIZE), str(self.reference("bf16")), str(out), qtype.upper(), "1"], check=True,
+                           capture_output=True, env=env)
+        return out
+
+
+def _family(root: Path, model: torch.nn.Module, tokenizer: dict[str, bytes]) -> Family:
+    case = build_case(root, model, torch.bfloat16, **LORA)
+    for name, data in tokenizer.items():
+        (case.base / name).write_bytes(data)
+    merged, _ = peft_reference(case)
+    merged.save_pretrained(root / "merged")
+    for name in tokenizer:
+        shutil.copy(case.base / name, root / "merged" / name)
+    return Family(case, root / "merged", root)
+
+
+def sentencepiece_tokenizer() -> dict[str, bytes]:
+    """A small SentencePiece model trained here, with a Llama tokenizer_config and a chat template."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    lines = [f"The quick brown fox {i} jumps over the lazy dog {i * 7}. Merging adapters, streaming rows."
+             for i in range(200)]
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=300,
+                                             model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+                                             pad_id=-1, minloglevel=2)
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "add_eos_token": False,
+              "chat_template": "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"}
+    return {"tokenizer.model": model.getvalue(), "tokenizer_config.json": json.dumps(config).encode()}
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """Llama with 256-wide rows (whole k-quant blocks), grouped-query attention (q/k permuted differently)."""
+    model = tiny_llama(vocab_size=304, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                       num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    return _family(tmp_path_factory.mktemp("gguf-llama"), model, sentencepiece_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def qwen2(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """Qwen2 with the real Qwen2 BPE tokenizer (rebuilt from llama.cpp's vocab file), q/k/v biases, tied
+    embeddings (so llama-quantize treats token_embd as the output)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=151936, hidden_size=256, intermediate_size=512,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, tie_word_embeddings=True))
+    tokenizer = {p.name: p.read_bytes() for p in QWEN2_TOKENIZER.iterdir()}
+    return _family(tmp_path_factory.mktemp("gguf-qwen2"), model, tokenizer)
+
+
+_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+def _skip_value(data: bytes, at: int, kind: int) -> int:
+    """The offset just past a GGUF value of type `kind` starting at `at`."""
+    if kind == _STRING:
+        return at + 8 + int.from_bytes(data[at:at + 8], "little")
+    if kind == _ARRAY:
+        item, count = int.from_bytes(data[at:at + 4], "little"), int.from_bytes(data[at + 4:at + 12], "little")
+        at += 12
+        if item in _SCALARS:
+            return at + count * _SCALARS[item]
+        for _ in range(count):
+            at = _skip_value(data, at, item)
+        return at
+    return at + _SCALARS[kind]
+
+
+def sections(path: Path) -> tuple[list[tuple[str, bytes]], bytes, bytes]:
+    """A GGUF cut into its raw bytes: each key-value pair (by key), the tensor infos, the tensor data (from the
+    aligned start of the data section). gguf-py's reader takes seconds on a 150k-token vocabulary; this walk,
+    which only skips over values, does not."""
+    data = path.read_bytes()
+    assert data[:4] == b"GGUF"
+    n_tensors, n_kv = int.from_bytes(data[8:16], "little"), int.from_bytes(data[16:24], "little")
+    at, pairs = 24, []
+    for _ in range(n_kv):
+        start = at
+        key_end = at + 8 + int.from_bytes(data[at:at + 8], "little")
+        key = data[at + 8:key_end].decode()
+        at = _skip_value(data, key_end + 4, int.from_bytes(data[key_end:key_end + 4], "little"))
+        pairs.append((key, data[start:at]))
+    infos = at
+    for _ in range(n_tensors):
+        at += 8 + int.from_bytes(data[at:at + 8], "little")
+        at += 4 + 8 * int.from_bytes(data[at:at + 4], "little") + 4 + 8
+    start = at + (-at % 32)
+    assert data[at:start] == bytes(start - at)
+    return [(k, v) for k, v in pairs if not k.startswith(PROVENANCE)], data[infos:at], data[start:]
+
+
+def assert_same_gguf(ours: Path, reference: Path) -> None:
+    """Byte for byte, but for provenance keys (general.name...): every other key-value pair in the same order,
+    the same tensor infos (names, shapes, types, offsets) and the same tensor data."""
+    our_pairs, our_infos, our_data = sections(ours)
+    ref_pairs, ref_infos, ref_data = _reference_sections(reference)
+    assert [k for k, _ in our_pairs] == [k for k, _ in ref_pairs]
+    for (key, value), (_, expected) in zip(our_pairs, ref_pairs, strict=True):
+        assert value == expected, key
+    assert our_infos == ref_infos, "tensor infos differ"
+    if our_data != ref_data:
+        tensors = {t.name: t for t in gguf.GGUFReader(reference).tensors}
+        for tensor in gguf.GGUFReader(ours).tensors:
+            assert tensor.data.tobytes() == tensors[tensor.name].data.tobytes(), f"{tensor.name}: bytes differ"
+        raise AssertionError("tensor data differs")
+
+
+_REFERENCES: dict[Path, tuple[list[tuple[str, bytes]], bytes, bytes]] = {}
+
+
+def _reference_sections(path: Path) -> tuple[list[tuple[str, bytes]], bytes, bytes]:
+    if path not in _REFERENCES:
+        _REFERENCES[path] = sections(path)
+    return _REFERENCES[path]
+
+
+def merge(family: Family, out: Path, **options: object) -> lorastream.pipeline.MergeResult:
+    return lorastream.merge(family.case.base, family.case.adapter, out, format="gguf", **options)
+
+
+@pytest.mark.parametrize("qtype", ["bf16", "f16", "q8_0", "q4_0", "q4_k_m", "q6_k"])
+def test_llama_equals_llama_cpp(llama: Family, tmp_path: Path, qtype: str) -> None:
+    options = {"dtype": "float16"} if qtype == "f16" else {} if qtype == "bf16" else {"quantize": qtype}
+    out = tmp_path / "model.gguf"
+    merge(llama, out, **options)
+    assert_same_gguf(out, llama.reference(qtype))
+
+
+@pytest.mark.parametrize("qtype", ["bf16", "q5_1", "q4_k_m", "q5_k_m"])
+def test_qwen2_equals_llama_cpp(qwen2: Family, tmp_path: Path, qtype: str) -> None:
+    out = tmp_path / "model.gguf"
+    merge(qwen2, out, **({} if qtype == "bf16" else {"quantize": qtype}))
+    assert_same_gguf(out, qwen2.reference(qtype))
+
+
+def test_smallest_row_blocks_write_the_same_file(llama: Family, tmp_path: Path, smallest_blocks: None) -> None:
+    """Blocks of a few heads' rows (the q/k permutation stays inside a block) and of a few quantization rows."""
+    for qtype in ("bf16", "q4_k_m"):
+        out = tmp_path / f"{qtype}.gguf"
+        merge(llama, out, **({} if qtype == "bf16" else {"quantize": qtype}))
+        assert_same_gguf(out, llama.reference(qtype))
+
+
+def test_interrupted_merge_leaves_nothing_and_reruns_to_the_same_file(llama: Family, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorastream.outputs import gguf as gguf_output
+
+    out = tmp_path / "model.gguf"
+    original, calls = gguf_output.GGUFSink.write, []
+
+    def interrupted(self: gguf_output.GGUFSink, chunk: memoryview | bytes) -> None:
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # as a kill: the staging folder stays for the rerun
+        original(self, chunk)
+
+    monkeypatch.setattr(gguf_output.GGUFSink, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge(llama, out)
+    assert not out.exists() and (tmp_path / ".model.gguf.lorastream-partial").is_dir()
+    monkeypatch.setattr(gguf_output.GGUFSink, "write", original)
+    merge(llama, out)
+    assert_same_gguf(out, llama.reference("bf16"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_peak_rss_stays_inside_max_memory(qwen2: Family, tmp_path: Path) -> None:
+    """A fresh process (as a user runs it), a budget well below the 78 MB model plus the 150k-token header."""
+    out = tmp_path / "model.gguf"
+    run = subprocess.run([sys.executable, "-m", "lorastream", "merge", str(qwen2.case.base), str(qwen2.case.adapter),
+                          "-o", str(out), "--format", "gguf", "--quantize", "q4_k_m", "--max-memory", "480MiB",
+                          "--json"], capture_output=True, text=True, check=True)
+    result = json.loads(run.stdout)
+    result = result[0] if isinstance(result, list) else result
+    assert result["peak_rss"] <= result["budget"] == 480 << 20
+    assert_same_gguf(out, qwen2.reference("q4_k_m"))
+
+
+def test_each_writes_one_gguf_per_adapter(llama: Family, tmp_path: Path) -> None:
+    other = tmp_path / "inputs" / "second"
+    shutil.copytree(llama.case.adapter, other)
+    results = lorastream.merge_each(llama.case.base, [llama.case.adapter, other], tmp_path / "out", format="gguf")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["adapter.gguf", "second.gguf"] and len(results) == 2
+    for name in names:
+        assert_same_gguf(tmp_path / "out" / name, llama.reference("bf16"))
+
+
+def test_unsupported_architecture_is_refused_in_one_line(make_case, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    case = make_case(tiny_gpt2(), target_modules=["c_attn"], r=4)
+    run = subprocess.run([sys.executable, "-m", "lorastream", "merge", str(case.base), str(case.adapter), "-o",
+                          str(tmp_path / "out.gguf"), "--format", "gguf"], capture_output=True, text=True)
+    assert run.returncode == 2 and "GPT2LMHeadModel" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_bad_combinations_are_refused(llama: Family, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"name it OUT\.gguf"):
+        merge(llama, tmp_path / "folder")
+    with pytest.raises(InputError, match="expected one of"):
+        merge(llama, tmp_path / "m.gguf", quantize="nf4")
+    with pytest.raises(InputError, match="--dtype picks"):
+        merge(llama, tmp_path / "m.gguf", quantize="q8_0", dtype="float16")
+    (tmp_path / "exists.gguf").write_bytes(b"x")
+    with pytest.raises(InputError, match="--overwrite"):
+        merge(llama, tmp_path / "exists.gguf")
