@@ -80,7 +80,8 @@ def sentencepiece_tokenizer() -> dict[str, bytes]:
     sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=300,
                                              model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
                                              pad_id=-1, minloglevel=2)
-    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "add_eos_token": False,
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+              "add_eos_token": False,
               "chat_template": "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"}
     return {"tokenizer.model": model.getvalue(), "tokenizer_config.json": json.dumps(config).encode()}
 
@@ -191,6 +192,43 @@ def test_qwen2_equals_llama_cpp(qwen2: Family, tmp_path: Path, qtype: str) -> No
     out = tmp_path / "model.gguf"
     merge(qwen2, out, **({} if qtype == "bf16" else {"quantize": qtype}))
     assert_same_gguf(out, qwen2.reference(qtype))
+
+
+def _other_family(name: str) -> tuple[torch.nn.Module, dict[str, bytes]]:
+    """A tiny model of each other supported family, with a tokenizer of the kind its converter reads."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    small = dict(vocab_size=304, **common)
+    if name == "qwen3":
+        config = transformers.Qwen3Config(vocab_size=151936, tie_word_embeddings=True,
+                                          **{**common, "bos_token_id": None, "eos_token_id": 151645})
+        return (transformers.Qwen3ForCausalLM(config),
+                {p.name: p.read_bytes() for p in QWEN2_TOKENIZER.iterdir()})
+    model = {"mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**small)),
+             "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(head_dim=64, **small)),
+             "gemma3": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(head_dim=64, **small)),
+             "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+                 pad_token_id=0, original_max_position_embeddings=128, **small))}[name]()
+    return model, sentencepiece_tokenizer()
+
+
+@pytest.mark.parametrize(("name", "qtypes"), [("mistral", ["bf16", "q4_k_m"]), ("qwen3", ["bf16"]),
+                                              ("gemma2", ["bf16", "q4_k_m"]), ("gemma3", ["bf16", "q6_k"]),
+                                              ("phi3", ["bf16", "q4_k_m"])])
+def test_other_families_equal_llama_cpp(name: str, qtypes: list[str], tmp_path_factory: pytest.TempPathFactory,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mistral (Llama's layout), Qwen3 (q/k norms), Gemma 2/3 (norms stored as 1 + w, no lm_head), Phi-3 (fused
+    qkv and gate_up, its own vocabulary rules)."""
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if name == "phi3" else LORA["target_modules"]
+    monkeypatch.setitem(LORA, "target_modules", targets)
+    family = _family(tmp_path_factory.mktemp(f"gguf-{name}"), *_other_family(name))
+    for qtype in qtypes:
+        out = family.work / f"ours-{qtype}.gguf"
+        merge(family, out, **({} if qtype == "bf16" else {"quantize": qtype}))
+        assert_same_gguf(out, family.reference(qtype))
 
 
 def test_smallest_row_blocks_write_the_same_file(llama: Family, tmp_path: Path, smallest_blocks: None) -> None:

@@ -135,6 +135,26 @@ def _gemma3_parameters(writer: Any, hparams: dict[str, Any], block_count: int, f
     writer.add_head_count_kv(hparams.get("num_key_value_heads", 4))
 
 
+def _phi3_parameters(writer: Any, hparams: dict[str, Any], block_count: int, file_type: int) -> None:
+    rope = rope_parameters(hparams)
+    if rope.get("long_factor"):
+        raise InputError("Phi-3 with long-context rope factors: llama.cpp stores them as extra tensors, which "
+                         "lorastream does not generate yet; merge to --format hf and convert")
+    n_embd, n_head = _find(hparams, "hidden_size", "n_embd"), _find(hparams, "num_attention_heads", "n_head")
+    writer.add_context_length(_find(hparams, "n_positions", "max_position_embeddings"))
+    writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(hparams["intermediate_size"])
+    writer.add_block_count(block_count)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(_find(hparams, "num_key_value_heads", "n_head_kv"))
+    writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
+    writer.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * n_embd) // n_head)
+    writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
+    writer.add_file_type(file_type)
+    writer.add_sliding_window(hparams.get("sliding_window") or 0)
+
+
 Parameters = Callable[[Any, dict[str, Any], int, int], None]
 
 
@@ -163,6 +183,7 @@ FAMILIES: dict[str, Family] = {
     "Qwen3ForCausalLM": Family("QWEN3", text_parameters, "sentencepiece_or_bpe"),
     "Gemma2ForCausalLM": Family("GEMMA2", _gemma2_parameters, "gemma2", norm_shift=1.0, skip=("lm_head.weight",)),
     "Gemma3ForCausalLM": Family("GEMMA3", _gemma3_parameters, "gemma", norm_shift=1.0),
+    "Phi3ForCausalLM": Family("PHI3", _phi3_parameters, "phi3"),
 }
 
 

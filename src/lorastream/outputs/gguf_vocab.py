@@ -34,8 +34,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def sentencepiece_vocab(folder: Path, vocab_size: int | None) -> tuple[list[bytes], list[float], list[int]]:
-    """The converter's `_create_vocab_sentencepiece`: tokenizer.model, added_tokens.json, added_tokens_decoder."""
+def sentencepiece_vocab(folder: Path, vocab_size: int | None,
+                        phi3: bool = False) -> tuple[list[bytes], list[float], list[int]]:
+    """The converter's `_create_vocab_sentencepiece`: tokenizer.model, added_tokens.json, added_tokens_decoder;
+    with `phi3`, its Phi-3 variant (`Phi3MiniModel.set_vocab`: special flags only, tokenizer.json's added
+    tokens too)."""
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError:
@@ -64,6 +67,13 @@ def sentencepiece_vocab(folder: Path, vocab_size: int | None) -> tuple[list[byte
         if token_id < size:
             tokens[token_id], scores[token_id], types[token_id] = text.encode(), -1000.0, USER_DEFINED
     decoder = _read_json(folder / "tokenizer_config.json").get("added_tokens_decoder", {})
+    if phi3:
+        added = [(int(k), d) for k, d in decoder.items()]
+        added += [(int(d["id"]), d) for d in _read_json(folder / "tokenizer.json").get("added_tokens", [])]
+        for token_id, data in added:
+            tokens[token_id], scores[token_id] = data["content"].encode(), -1000.0
+            types[token_id] = CONTROL if data.get("special") else USER_DEFINED
+        return tokens, scores, types
     for key, data in decoder.items():
         token_id, text = int(key), data["content"]
         if token_id >= size:
@@ -128,9 +138,9 @@ def bpe_vocab(folder: Path, vocab_size: int | None) -> tuple[list[str], list[int
     return tokens, types, pre
 
 
-def _add_sentencepiece(writer: Any, folder: Path, vocab_size: int | None) -> None:
+def _add_sentencepiece(writer: Any, folder: Path, vocab_size: int | None, phi3: bool = False) -> None:
     gguf = gguf_module()
-    tokens, scores, types = sentencepiece_vocab(folder, vocab_size)
+    tokens, scores, types = sentencepiece_vocab(folder, vocab_size, phi3)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -178,6 +188,11 @@ def add_vocab(writer: Any, folder: Path, kind: str, vocab_size: int | None) -> N
     elif kind == "gemma2" or (kind == "gemma" and sentencepiece):
         _add_sentencepiece(writer, folder, vocab_size)
         writer.add_add_space_prefix(False)
+    elif kind == "phi3":
+        if _read_json(folder / "tokenizer_config.json").get("tokenizer_class") == "GPT2Tokenizer":
+            _add_bpe(writer, folder, vocab_size)
+        else:
+            _add_sentencepiece(writer, folder, vocab_size, phi3=True)
     elif sentencepiece and kind == "sentencepiece_or_bpe":
         _add_sentencepiece(writer, folder, vocab_size)
     else:
