@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,6 +283,29 @@ def test_each_writes_one_gguf_per_adapter(llama: Family, tmp_path: Path) -> None
     assert names == ["adapter.gguf", "second.gguf"] and len(results) == 2
     for name in names:
         assert_same_gguf(tmp_path / "out" / name, llama.reference("bf16"))
+
+
+def test_verify_recomputes_a_gguf_and_finds_a_changed_byte(llama: Family, tmp_path: Path) -> None:
+    """`verify` on llama.cpp's own q8_0 file (the types from its file type) passes; one byte changed fails."""
+    reference = llama.reference("q8_0")
+    report = lorastream.verify(llama.case.base, llama.case.adapter, reference)
+    assert report.ok and len(report.checks) == len(gguf.GGUFReader(reference).tensors)
+    changed = tmp_path / "changed.gguf"
+    data = bytearray(reference.read_bytes())
+    data[-40] ^= 0x10  # inside the last tensor's data
+    changed.write_bytes(bytes(data))
+    report = lorastream.verify(llama.case.base, llama.case.adapter, changed)
+    assert not report.ok and [c.name for c in report.checks if not c.ok] == ["output_norm.weight"]
+
+
+def test_inspect_describes_a_gguf(qwen2: Family) -> None:
+    info = lorastream.inspect(qwen2.reference("q4_k_m"))
+    reader_tensors = gguf.GGUFReader(qwen2.reference("q4_k_m")).tensors
+    assert info["format"] == "gguf-v3" and info["architecture"] == "qwen2"
+    assert info["types"] == dict(Counter(t.tensor_type.name for t in reader_tensors))
+    assert info["tokenizer"]["model"] == "gpt2" and info["tokenizer"]["pre"] == "qwen2"
+    assert info["tokenizer"]["tokens"] == 151936 and info["tokenizer"]["chat_template"]
+    assert [t["shape"] for t in info["tensor_list"]] == [list(reversed(t.shape.tolist())) for t in reader_tensors]
 
 
 def test_unsupported_architecture_is_refused_in_one_line(make_case, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

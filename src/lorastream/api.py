@@ -16,6 +16,8 @@ from .engine import Progress
 from .extract import AdapterResult as AdapterResult  # the `extract` and `save_lora` verbs live in extract.py
 from .extract import extract as extract
 from .extract import save_lora as save_lora
+from .formats.gguf import read_gguf_header
+from .formats.gguf import tensor_refs as gguf_tensor_refs
 from .formats.litgpt import MODEL_FILE
 from .formats.torchzip import read_state_dict
 from .inputs import hf as hf_input
@@ -23,6 +25,7 @@ from .inputs import litgpt as litgpt_input
 from .inspection import inspect as inspect
 from .io.locations import location
 from .options import MergeOptions
+from .outputs.gguf import gguf_options
 from .pipeline import MergeResult as MergeResult
 from .planner import Plan
 from .verification import VerifyReport, compare, recorded_options, safetensors_tensors
@@ -103,6 +106,12 @@ def verify(base: PathLike | None, adapters: PathLike | Sequence[PathLike], merge
     `verification`).
     """
     merged_dir = location(merged)
+    if merged_dir.suffix == ".gguf":
+        header = read_gguf_header(merged_dir)  # type: ignore[arg-type]
+        chosen = MergeOptions.of(MergeOptions(**gguf_options(header.metadata)),
+                                 {**(options.given() if options else {}), **fields, "device": "cpu"})
+        job = hf_input.plan(base, adapters, merged_dir, chosen)
+        return compare(job, gguf_tensor_refs(header), True if exact is None else exact, progress)
     recorded = recorded_options(merged_dir, (*RECORDED, "device"))  # type: ignore[arg-type]
     chosen = MergeOptions.of(MergeOptions(**{k: v for k, v in recorded.items() if k != "device"}),
                              {**(options.given() if options else {}), **fields})

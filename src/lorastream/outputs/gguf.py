@@ -31,7 +31,7 @@ from ..io.atomic import AtomicFile
 from ..io.locations import Location
 from ..planner import OutputTensor, Plan, Shard
 from .gguf_layout import GGUFTensor, block_count, converter_types, hparams_of, layout
-from .gguf_presets import preset_file_type, preset_types
+from .gguf_presets import PRESETS, preset_file_type, preset_types
 from .gguf_vocab import add_vocab
 
 # The name the GGUF has inside its staging folder; it is renamed to the output's own name when complete.
@@ -115,6 +115,19 @@ def arrangement(model: HFModel, dtype: str | None, quantize: str | None) -> GGUF
     writer.write_ti_data_to_file()
     header = buffer.getvalue()
     return GGUFArrangement(tuple(tensors), header + bytes(_pad(len(header))), quantize)
+
+
+def gguf_options(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The merge options that wrote a GGUF of this `general.file_type` (what `verify` recomputes it with)."""
+    gguf = gguf_module()
+    file_type = gguf.LlamaFileType(int(metadata.get("general.file_type", -1))).name
+    dense = {"ALL_F32": "float32", "MOSTLY_F16": "float16", "MOSTLY_BF16": "bfloat16"}
+    presets = {"MOSTLY_Q8_0": "q8_0", **{ftype: name for name, (ftype, _) in PRESETS.items()}}
+    if file_type in dense:
+        return {"format": "gguf", "dtype": dense[file_type]}
+    if file_type in presets:
+        return {"format": "gguf", "quantize": presets[file_type]}
+    raise InputError(f"GGUF file type {file_type} is not one lorastream writes; it cannot be recomputed")
 
 
 class GGUFSink:
