@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from conftest import Case, build_case, peft_reference, tiny_gpt2, tiny_llama
@@ -230,6 +231,50 @@ def test_other_families_equal_llama_cpp(name: str, qtypes: list[str], tmp_path_f
         out = family.work / f"ours-{qtype}.gguf"
         merge(family, out, **({} if qtype == "bf16" else {"quantize": qtype}))
         assert_same_gguf(out, family.reference(qtype))
+
+
+LOGITS = """
+import json, sys
+import numpy as np
+import llama_cpp
+
+tokens = json.loads(sys.argv[1])
+for path in sys.argv[2:]:
+    model = llama_cpp.Llama(path, logits_all=True, verbose=False, n_ctx=64, n_threads=1)
+    model.eval(tokens)
+    np.save(path + ".logits.npy", np.array(model.scores[: len(tokens)], dtype=np.float32))
+"""
+
+
+def llama_cpp_logits(paths: list[Path], tokens: list[int]) -> list[np.ndarray]:
+    """Logits for `tokens` from llama.cpp itself (the sdist's llama_cpp bindings on the cached build)."""
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(QUANTIZE.parent),
+           "PYTHONPATH": os.pathsep.join([str(LLAMA_CPP / "src"), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", LOGITS, json.dumps(tokens), *map(str, paths)], check=True, env=env,
+                   capture_output=True)
+    return [np.load(f"{path}.logits.npy") for path in paths]
+
+
+def test_llama_cpp_runs_the_outputs(llama: Family, tmp_path: Path) -> None:
+    """llama.cpp loads each output; its logits match transformers' on PEFT's merged model within the type's
+    error (relative RMS: bf16 1%, q8_0 3%, q4_k_m 20%), and the q4_k_m file's logits are exactly those of
+    llama.cpp's own q4_k_m file."""
+    from transformers import AutoModelForCausalLM
+
+    tokens = [1, 17, 42, 99, 7, 250, 3]
+    expected = AutoModelForCausalLM.from_pretrained(llama.merged, dtype=torch.float32)(
+        torch.tensor([tokens])).logits[0].detach().numpy()
+    outputs = {}
+    for qtype in ("bf16", "q8_0", "q4_k_m"):
+        outputs[qtype] = tmp_path / f"{qtype}.gguf"
+        merge(llama, outputs[qtype], **({} if qtype == "bf16" else {"quantize": qtype}))
+    logits = llama_cpp_logits([*outputs.values(), llama.reference("q4_k_m")], tokens)
+    rms = float(np.sqrt(np.mean(expected ** 2)))
+    # relative RMS error each type allows on this random model (random weights are quantization's worst case)
+    for (qtype, _), got, tolerance in zip(outputs.items(), logits, (0.01, 0.03, 0.2), strict=False):
+        error = float(np.sqrt(np.mean((got - expected) ** 2))) / rms
+        assert error <= tolerance, f"{qtype}: relative RMS error {error:.4f}"
+    assert np.array_equal(logits[2], logits[3])
 
 
 def test_smallest_row_blocks_write_the_same_file(llama: Family, tmp_path: Path, smallest_blocks: None) -> None:
