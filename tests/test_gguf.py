@@ -353,6 +353,28 @@ def test_inspect_describes_a_gguf(qwen2: Family) -> None:
     assert [t["shape"] for t in info["tensor_list"]] == [list(reversed(t.shape.tolist())) for t in reader_tensors]
 
 
+def test_remote_inputs(llama: Family, s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A base and adapter in an object store: the tokenizer files are read from a local copy."""
+    fs = s3_server[0]
+    fs.mkdir("gguf-inputs")
+    fs.put(str(llama.case.base), "gguf-inputs/base", recursive=True)
+    fs.put(str(llama.case.adapter), "gguf-inputs/adapter", recursive=True)
+    out = tmp_path / "base.gguf"
+    lorastream.merge("s3://gguf-inputs/base", "s3://gguf-inputs/adapter", out, format="gguf")
+    assert_same_gguf(out, llama.reference("bf16"))
+    with pytest.raises(InputError, match="local file"):
+        lorastream.merge(llama.case.base, llama.case.adapter, "s3://gguf-inputs/out.gguf", format="gguf")
+
+
+def test_weights_and_trained_on_go_through_the_same_plan(llama: Family, tmp_path: Path) -> None:
+    """`--weights` and `--trained-on nf4` change the merged values, and `verify` recomputes them."""
+    for options in ({"weights": [0.5]}, {"trained_on": "nf4"}):
+        out = tmp_path / f"{next(iter(options))}.gguf"
+        merge(llama, out, quantize="q8_0", **options)
+        assert sections(out)[2] != sections(llama.reference("q8_0"))[2]
+        assert lorastream.verify(llama.case.base, llama.case.adapter, out, **options).ok
+
+
 def test_unsupported_architecture_is_refused_in_one_line(make_case, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     case = make_case(tiny_gpt2(), target_modules=["c_attn"], r=4)
     run = subprocess.run([sys.executable, "-m", "lorastream", "merge", str(case.base), str(case.adapter), "-o",

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ from ..errors import InputError
 from ..formats.hf import HFModel
 from ..formats.safetensors import TensorSpec
 from ..io.atomic import AtomicFile
-from ..io.locations import Location
+from ..io.locations import Location, copy_file
 from ..planner import OutputTensor, Plan, Shard
 from .gguf_layout import GGUFTensor, block_count, converter_types, hparams_of, layout
 from .gguf_presets import PRESETS, preset_file_type, preset_types
@@ -72,6 +75,19 @@ class GGUFArrangement:
                     t.qtype or "F32", by_name[t.hf_name].dtype, t.head_rows, t.shift)) for t in self.tensors]
 
 
+@contextmanager
+def tokenizer_folder(model: HFModel) -> Iterator[Path]:
+    """A local folder with the base's config and tokenizer files, as gguf-py's vocab readers need one: the
+    base itself, or for a remote base a temporary copy of those small files."""
+    if isinstance(model.path, Path):
+        yield model.path
+        return
+    with tempfile.TemporaryDirectory(prefix="lorastream-tokenizer-") as temp:
+        for source in (model.path / "config.json", *model.companion_files):
+            copy_file(source, Path(temp) / source.name)
+        yield Path(temp)
+
+
 def arrangement(model: HFModel, dtype: str | None, quantize: str | None) -> GGUFArrangement:
     """The GGUF layout and header of merging into `model`, dense in `dtype` (a --dtype name; default: the
     converter's auto) or quantized with a `--quantize` preset: q8_0 as `convert_hf_to_gguf.py --outtype q8_0`
@@ -93,10 +109,11 @@ def arrangement(model: HFModel, dtype: str | None, quantize: str | None) -> GGUF
         tensors, file_type = preset_types(tensors, quantize, block_count(hparams)), preset_file_type(quantize)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(Path(str(model.path)).name)
+    writer.add_name(model.path.name)
     family.parameters(writer, hparams, block_count(hparams), int(gguf.LlamaFileType[file_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_vocab(writer, Path(str(model.path)), family.vocab, hparams.get("vocab_size"))
+    with tokenizer_folder(model) as folder:
+        add_vocab(writer, folder, family.vocab, hparams.get("vocab_size"))
     if quantize not in (None, "q8_0"):  # llama-quantize sets these two last, moving them to the end
         for key in (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE):
             writer.remove_key(key)
