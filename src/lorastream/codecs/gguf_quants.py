@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..dtypes import GGUF_TORCH_DTYPES
@@ -169,9 +168,3 @@ class GGUFEncoder:
 
     def statistics(self) -> list[bytes | bytearray]:
         return []
-
-
-def dequantize(data: np.ndarray, qtype: str) -> np.ndarray:
-    """A GGUF tensor's stored bytes as float32 values (gguf-py's dequantizers, k-quants included)."""
-    gguf = gguf_module()
-    return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]).astype(np.float32)

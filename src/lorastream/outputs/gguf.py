@@ -62,7 +62,6 @@ class GGUFArrangement:
 
     tensors: tuple[GGUFTensor, ...]
     header: bytes
-    quantize: str | None
 
     def arrange(self, planned: list[OutputTensor]) -> list[OutputTensor]:
         """The plan's tensors in GGUF order, named and encoded as llama.cpp writes them."""
@@ -131,7 +130,7 @@ def arrangement(model: HFModel, dtype: str | None, quantize: str | None) -> GGUF
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     header = buffer.getvalue()
-    return GGUFArrangement(tuple(tensors), header + bytes(_pad(len(header))), quantize)
+    return GGUFArrangement(tuple(tensors), header + bytes(_pad(len(header))))
 
 
 def gguf_options(metadata: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from ..codecs.gguf_quants import block_geometry
+from ..codecs.gguf_quants import fits_blocks
 from .gguf_layout import GGUFTensor
 
 # Preset -> (llama_ftype name in gguf.LlamaFileType, the preset's default ggml type)
@@ -40,10 +40,10 @@ def _use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 
 def _fallback(qtype: str, row_elements: int) -> str:
-    if row_elements % block_geometry(qtype)[0] == 0:
+    if fits_blocks(qtype, row_elements):
         return qtype
     demoted = _FALLBACK.get(qtype, qtype)
-    return demoted if row_elements % block_geometry(demoted)[0] == 0 else "F16"
+    return demoted if fits_blocks(demoted, row_elements) else "F16"
 
 
 def preset_types(tensors: list[GGUFTensor], preset: str, n_layer: int) -> list[GGUFTensor]:
@@ -62,7 +62,7 @@ def preset_types(tensors: list[GGUFTensor], preset: str, n_layer: int) -> list[G
             continue
         qtype = default
         if name == "output.weight" or (tied and name == "token_embd.weight"):
-            if tensor.shape[-1] % block_geometry(qtype)[0] != 0:
+            if not fits_blocks(qtype, tensor.shape[-1]):
                 qtype = "Q8_0"
             elif qtype != "Q8_0":
                 qtype = "Q6_K"
