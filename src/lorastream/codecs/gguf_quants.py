@@ -5,7 +5,8 @@ The reference route saves the merged model in its own dtype, then converts: so e
 to `stored` (the merged folder's dtype), then encoded. Dense types are torch casts (round to nearest even, as
 gguf-py's numpy casts); the legacy block types (q8_0, q4_0, q4_1, q5_0, q5_1) are gguf-py's own numpy
 quantizers (what `convert_hf_to_gguf.py --outtype q8_0` runs); the k-quants are ggml's own
-`ggml_quantize_chunk`, called through ctypes (what `llama-quantize` runs), never a port. Quantization blocks
+`ggml_quantize_chunk`, called through ctypes (what `llama-quantize` runs), never a port; where ggml's library is
+there it quantizes the legacy types too, to the same bytes, faster. Quantization blocks
 run along a row, so any block of whole rows quantizes as the whole tensor would.
 """
 
@@ -15,6 +16,7 @@ import ctypes
 import importlib.util
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -86,6 +88,28 @@ def ggml_library() -> ctypes.CDLL:
                      "'lorastream[gguf-k]' (llama-cpp-python), or set LORASTREAM_GGML_LIB to libggml-base.so")
 
 
+def quantizer_threads() -> int:
+    """Threads for ggml's k-quant search, which dominates a k-quant merge: every core (llama-quantize's default);
+    the reader and writer threads mostly wait meanwhile."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=quantizer_threads(), thread_name_prefix="lorastream-ggml")
+
+
+@cache
+def ggml_available() -> bool:
+    """Whether ggml's library is there: it then quantizes the legacy block types too (the same bytes as gguf-py's
+    numpy quantizers, on every core)."""
+    try:
+        ggml_library()
+    except InputError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class GGUFEncoding:
     """One GGUF tensor type for one tensor: `qtype` (ggml's name), `stored` the dtype the merged values are
@@ -128,27 +152,35 @@ class GGUFEncoder:
     def __init__(self, encoding: GGUFEncoding):
         self.encoding = encoding
 
-    def _arranged(self, values: torch.Tensor) -> torch.Tensor:
-        """The block rounded to the stored dtype and back, its heads' rows in llama.cpp's order."""
+    def _permuted(self, values: torch.Tensor) -> torch.Tensor:
+        """The block's rows in llama.cpp's order within each head (a view; no copy)."""
         head_rows = self.encoding.head_rows
+        if not head_rows:
+            return values
+        rows, cols = values.shape
+        return values.view(rows // head_rows, 2, head_rows // 2, cols).transpose(1, 2)
+
+    def _arranged(self, values: torch.Tensor) -> torch.Tensor:
+        """The block rounded to the stored dtype and back (plus the shift), rows in llama.cpp's order."""
         rounded = values.to(self.encoding.stored).float()
         if self.encoding.shift:
             rounded += self.encoding.shift
-        if head_rows:
-            rows, cols = rounded.shape
-            rounded = (rounded.reshape(rows // head_rows, 2, head_rows // 2, cols).transpose(1, 2)
-                       .reshape(rows, cols))
-        return rounded.cpu().contiguous()
+        return self._permuted(rounded).cpu().contiguous().view(values.shape)
 
     def encode(self, values: torch.Tensor, out: torch.Tensor) -> int:
         qtype = self.encoding.qtype
-        block = self._arranged(values)
         if qtype in GGUF_TORCH_DTYPES:
             dtype = GGUF_TORCH_DTYPES[qtype]
-            nbytes = block.numel() * dtype.itemsize
-            out[:nbytes].view(dtype).view(block.shape).copy_(block)
+            nbytes = values.numel() * dtype.itemsize
+            target = out[:nbytes].view(dtype).view(values.shape)
+            if dtype == self.encoding.stored and not self.encoding.shift:  # one rounding, in one pass
+                source = self._permuted(values)
+                target.view(source.shape).copy_(source)
+            else:
+                target.copy_(self._arranged(values))
             return nbytes
-        if qtype in K_QUANTS:
+        block = self._arranged(values)
+        if qtype in K_QUANTS or ggml_available():
             return self._ggml(block, out)
         gguf = gguf_module()
         encoded = gguf.quants.quantize(block.numpy(), gguf.GGMLQuantizationType[qtype])
@@ -157,14 +189,22 @@ class GGUFEncoder:
         return nbytes
 
     def _ggml(self, block: torch.Tensor, out: torch.Tensor) -> int:
-        """ggml's own quantizer (no importance matrix), straight into the output buffer."""
+        """ggml's own quantizer (no importance matrix), straight into the output buffer, the rows split over the
+        machine's cores as llama-quantize splits them (ctypes releases the GIL; rows are independent)."""
         rows, cols = block.shape
-        expected = rows * row_bytes(self.encoding.qtype, cols)
-        assert out.numel() >= expected and out.is_contiguous()
-        written = ggml_library().ggml_quantize_chunk(ggml_type(self.encoding.qtype), block.data_ptr(),
-                                                     out.data_ptr(), 0, rows, cols, None)
-        assert written == expected, f"ggml wrote {written} bytes, expected {expected}"
-        return int(written)
+        size = row_bytes(self.encoding.qtype, cols)
+        assert out.numel() >= rows * size and out.is_contiguous()
+        library, qtype = ggml_library(), ggml_type(self.encoding.qtype)
+        parts = min(rows, quantizer_threads())
+        bounds = [rows * i // parts for i in range(parts + 1)]
+
+        def quantize(low: int, high: int) -> int:
+            return int(library.ggml_quantize_chunk(qtype, block[low:high].data_ptr(), out.data_ptr() + low * size, 0,
+                                                   high - low, cols, None))
+
+        written = sum(_pool().map(quantize, bounds[:-1], bounds[1:]))
+        assert written == rows * size, f"ggml wrote {written} bytes, expected {rows * size}"
+        return written
 
     def statistics(self) -> list[bytes | bytearray]:
         return []

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..codecs.gguf_quants import GGUFEncoding, gguf_module
-from ..dtypes import GGUF_DENSE_TYPES, GGUF_QUANT_PRESETS
+from ..dtypes import GGUF_DENSE_TYPES, GGUF_QUANT_PRESETS, GGUF_TORCH_DTYPES
 from ..engine import ShardSink
 from ..errors import InputError
 from ..formats.hf import HFModel
@@ -70,8 +70,8 @@ class GGUFArrangement:
         if missing:
             raise InputError(f"tensor {sorted(missing)[0]!r}: an adapter adds it, and it has no place in the GGUF "
                              "layout of the base")
-        return [dataclasses.replace(by_name[t.hf_name], name=t.name, encoding=GGUFEncoding(
-                    t.qtype or "F32", by_name[t.hf_name].dtype, t.head_rows, t.shift)) for t in self.tensors]
+        return [dataclasses.replace(by_name[t.hf_name], name=t.name, encoding=_encoding(t, by_name[t.hf_name].dtype))
+                for t in self.tensors]
 
 
 @contextmanager
@@ -85,6 +85,15 @@ def tokenizer_folder(model: HFModel) -> Iterator[Path]:
         for source in (model.path / "config.json", *model.companion_files):
             copy_file(source, Path(temp) / source.name)
         yield Path(temp)
+
+
+def _encoding(tensor: GGUFTensor, stored: torch.dtype) -> GGUFEncoding | None:
+    """How a tensor is encoded: none where its GGUF type is the dtype the merge writes anyway and its rows
+    stay in place (the engine then copies an unchanged tensor as it is)."""
+    qtype = tensor.qtype or "F32"
+    if GGUF_TORCH_DTYPES.get(qtype) == stored and not tensor.head_rows and not tensor.shift:
+        return None
+    return GGUFEncoding(qtype, stored, tensor.head_rows, tensor.shift)
 
 
 def arrangement(model: HFModel, dtype: str | None, quantize: str | None) -> GGUFArrangement:
@@ -188,7 +197,7 @@ class GGUFSink:
             self._close_empty()
 
     def copy_from(self, fd: int, offset: int, count: int) -> bool:
-        return False  # every GGUF tensor is encoded, so the engine never copies one unchanged
+        return False  # unchanged tensors come through `write`, which pads them
 
     def commit(self) -> None:
         if self.size != self._expected:
