@@ -11,8 +11,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,6 +320,25 @@ def test_interrupted_merge_leaves_nothing_and_reruns_to_the_same_file(llama: Fam
     monkeypatch.setattr(gguf_output.GGUFSink, "write", original)
     merge(llama, out)
     assert_same_gguf(out, llama.reference("bf16"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_kill_9_leaves_nothing_under_the_name_and_the_rerun_writes_the_file(qwen2: Family, tmp_path: Path) -> None:
+    out = tmp_path / "model.gguf"
+    command = [sys.executable, "-m", "lorastream", "merge", str(qwen2.case.base), str(qwen2.case.adapter), "-o",
+               str(out), "--format", "gguf", "--quantize", "q4_k_m", "--max-memory", "480MiB", "--quiet"]
+    partial = tmp_path / ".model.gguf.lorastream-partial" / ".model.gguf.partial"
+    process = subprocess.Popen(command)
+    try:
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size > 8 << 20) and time.monotonic() < deadline:
+            time.sleep(0.01)  # past the 5.7 MiB header: tensor data is being written
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL and not out.exists()
+    subprocess.run(command, check=True)
+    assert_same_gguf(out, qwen2.reference("q4_k_m"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
 
 
