@@ -5,7 +5,8 @@
 The route is what people run today: merge to a 16-bit folder (lorastream, the fastest way there), then
 llama.cpp's `convert_hf_to_gguf.py` (straight to q8_0 for q8_0, else to the 16-bit type), then `llama-quantize`
 for the other presets. lorastream writes the GGUF in the merge's pass. Each step runs in a fresh process under
-`/usr/bin/time -v` (wall time, peak RSS); extra disk is everything a route leaves on disk at its peak (for the
+`/usr/bin/time -v` (wall time, CPU time: user + system, which a machine shared with other work perturbs less,
+peak RSS); extra disk is everything a route leaves on disk at its peak (for the
 route: the merged folder, the 16-bit GGUF and the quantized GGUF). Both outputs are compared byte for byte
 (provenance keys aside) and the table says whether they are the same.
 
@@ -81,7 +82,7 @@ def lorastream_gguf(base: Path, adapter: Path, kind: str, work: Path, budget: st
     option = ["--dtype", kind] if kind in OUTTYPES else ["--quantize", kind]
     report = timed([sys.executable, "-m", "lorastream", "merge", str(base), str(adapter), "-o", str(out), "--format",
                     "gguf", *option, "--max-memory", budget, "--quiet"], work / f"lorastream-{kind}.log")
-    return {**report, "disk": out.stat().st_size}, out
+    return {**report, "cpu_s": report["user_s"] + report["sys_s"], "disk": out.stat().st_size}, out
 
 
 def route(base: Path, adapter: Path, kind: str, work: Path, budget: str) -> tuple[dict[str, float], Path]:
@@ -107,7 +108,8 @@ def route(base: Path, adapter: Path, kind: str, work: Path, budget: str) -> tupl
                            env))
         disk += out.stat().st_size
     return {"wall_s": sum(s["wall_s"] for s in steps), "peak_rss_kib": max(s["peak_rss_kib"] for s in steps),
-            "steps_s": [s["wall_s"] for s in steps], "disk": disk}, out
+            "cpu_s": sum(s["user_s"] + s["sys_s"] for s in steps), "steps_s": [s["wall_s"] for s in steps],
+            "disk": disk}, out
 
 
 def same_file(ours: Path, theirs: Path) -> bool:
@@ -128,8 +130,9 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     base = with_tokenizer(args.base.resolve(), args.work)
-    rows = ["| type | lorastream (s) | route (s): merge + convert [+ quantize] | ratio | peak RSS lorastream / "
-            "route (MiB) | extra disk lorastream / route (GB) | same bytes |", "|---|---:|---|---:|---|---|---|"]
+    rows = ["| type | lorastream (s) | route (s): merge + convert [+ quantize] | ratio | CPU s lorastream / route "
+            "| peak RSS lorastream / route (MiB) | extra disk lorastream / route (GB) | same bytes |",
+            "|---|---:|---|---:|---|---|---|---|"]
     results = {}
     for kind in args.types.split(","):
         ours, our_file = lorastream_gguf(base, args.adapter, kind, args.work, args.max_memory)
@@ -138,6 +141,7 @@ def main() -> None:
         results[kind] = {"lorastream": ours, "route": theirs, "same_bytes": same}
         rows.append(f"| {kind} | {ours['wall_s']:.1f} | {theirs['wall_s']:.1f} "
                     f"({' + '.join(f'{s:.1f}' for s in theirs['steps_s'])}) | {ours['wall_s'] / theirs['wall_s']:.2f} "
+                    f"| {ours['cpu_s']:.0f} / {theirs['cpu_s']:.0f} "
                     f"| {ours['peak_rss_kib'] / 1024:.0f} / {theirs['peak_rss_kib'] / 1024:.0f} "
                     f"| {ours['disk'] / 1e9:.2f} / {theirs['disk'] / 1e9:.2f} | {'yes' if same else 'NO'} |")
         for path in (our_file, their_file, *args.work.glob("route-*.gguf")):
