@@ -45,13 +45,16 @@ class Case:
 
 
 def build_case(root: Path, model: torch.nn.Module, dtype: torch.dtype, *, safe_serialization: bool = True,
-               **lora: object) -> Case:
-    """Save `model` in `dtype` and a PEFT LoRA adapter with random (non-identity) trained weights."""
+               prepare: Callable[[torch.nn.Module], None] | None = None, **lora: object) -> Case:
+    """Save `model` in `dtype` and a PEFT LoRA adapter with random (non-identity) trained weights; `prepare` changes
+    the model between the two, as a training script does (`resize_token_embeddings`)."""
     from peft import LoraConfig, get_peft_model
 
     base, adapter = root / "base", root / "adapter"
     model = model.to(dtype)
     model.save_pretrained(base)
+    if prepare is not None:
+        prepare(model)
     if not safe_serialization:  # the legacy layout: pytorch_model.bin written by torch.save
         for path in base.glob("*.safetensors"):
             path.unlink()

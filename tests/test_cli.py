@@ -166,7 +166,8 @@ def test_merge_json_summary(runs: dict[str, Run], demo: Demo) -> None:
     assert_no_traceback(run)
     summary = json.loads(run.stdout)
     assert set(summary) == {"out_dir", "files", "bytes_written", "seconds", "peak_rss", "budget",
-                            "up_to_date"}
+                            "up_to_date", "changed"}
+    assert summary["changed"]["language model"] > 0
     out = demo.case("merge")
     assert summary["out_dir"] == str(out)
     assert summary["files"] == sorted(p.name for p in out.iterdir())

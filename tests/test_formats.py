@@ -98,16 +98,17 @@ def test_read_returns_stored_values(sample_file: Path) -> None:
 
 
 def test_read_rows_reused_buffer(sample_file: Path) -> None:
-    """Row ranges of a 3-D and a 2-D tensor read into one reused buffer, flattened to [rows, row_elements];
-    a 1-D tensor is one row."""
+    """Row ranges of a 3-D and a 2-D tensor read into one reused buffer as [rows, row_elements]: every dimension
+    but the last counts rows (a fused-experts tensor streams in blocks smaller than one expert); a 1-D tensor is
+    one row."""
     parsed = read_header(sample_file)
     expected = sample_tensors()
     buffer = memoryview(bytearray(1024))
     cube = parsed.tensors["f32.3d"]
-    assert cube.rows == 5
-    for start, stop in [(0, 2), (2, 5), (1, 4), (3, 3)]:
-        rows = expected["f32.3d"][start:stop]
-        assert same(cube.read_rows(start, stop, buffer).clone(), rows.reshape(stop - start, cube.row_elements))
+    assert (cube.rows, cube.row_elements) == (15, 4)
+    for start, stop in [(0, 2), (2, 15), (4, 9), (3, 3)]:
+        rows = expected["f32.3d"].reshape(15, 4)[start:stop]
+        assert same(cube.read_rows(start, stop, buffer).clone(), rows)
     bf16 = parsed.tensors["bf16"]
     assert same(bf16.read_rows(4, 6, buffer).clone(), expected["bf16"][4:6].reshape(2, -1))
     vector = parsed.tensors["i64"]

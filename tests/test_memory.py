@@ -98,3 +98,27 @@ def test_each_adapter_output_stays_within_budget(wide_case: Case, tmp_path: Path
     reference = peft_reference(wide_case)[1]
     for adapter in adapters:
         assert torch.equal(load_output(tmp_path / "out" / adapter.name)["lm_head.weight"], reference["lm_head.weight"])
+
+
+def test_a_fused_experts_tensor_larger_than_the_budget_is_merged_in_row_blocks(tmp_path: Path) -> None:
+    """gpt-oss keeps its experts fused on disk: `gate_up_proj` [16 experts, 512, 8192] bf16 is 128 MiB, more than
+    the working space; PEFT's ParamWrapper update is applied to it block by block, expert slice by slice."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(GptOssConfig(vocab_size=256, hidden_size=512, intermediate_size=4096, num_hidden_layers=1,
+                                           num_attention_heads=8, num_key_value_heads=8, head_dim=64,
+                                           num_local_experts=16, num_experts_per_tok=2))
+    case = build_case(tmp_path / "case", model, torch.bfloat16, target_modules=["q_proj"], r=4, lora_alpha=8,
+                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    fused = "model.layers.0.mlp.experts.gate_up_proj"
+    assert WORKING_SPACE < 16 * 512 * 8192 * 2, "the test needs a fused tensor larger than the working budget"
+    budget = budget_for(case, tmp_path)
+    done = run_cli("merge", case.base, case.adapter, "-o", tmp_path / "out", "--max-memory", str(budget), "--json",
+                   "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["peak_rss"] <= budget
+    reference = peft_reference(case)[1]
+    ours = load_output(tmp_path / "out")
+    assert torch.equal(ours[fused], reference[fused])
+    assert not torch.equal(ours[fused], load_output(case.base)[fused])

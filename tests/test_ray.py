@@ -233,3 +233,17 @@ def test_without_ray_installed_the_error_is_one_line(demo_inputs: tuple[Path, Pa
     assert done.stderr.strip() == ("lorastream: error: --executor ray needs Ray, which is not installed: "
                                    "pip install 'lorastream[ray]'")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["Mixtral", "LLaVA"])
+def test_moe_and_vision_language_merges_on_ray_equal_the_local_merge(cluster: Cluster, name: str,
+                                                                     tmp_path: Path) -> None:
+    """Fused experts mapped onto per-expert tensors, and a VLM's renamed towers, written by Ray tasks."""
+    from test_families import BY_NAME, _merge, load
+
+    merged = _merge(BY_NAME[name], tmp_path)
+    lorastream.merge(merged.case.base, merged.case.adapter, tmp_path / "ray", max_memory=BUDGET, executor="ray")
+    shards = sorted(p.name for p in merged.out.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in (tmp_path / "ray").glob("*.safetensors"))
+    for shard in shards:
+        assert load((tmp_path / "ray" / shard).read_bytes()) == load((merged.out / shard).read_bytes())

@@ -145,11 +145,16 @@ def main(ctx: click.Context) -> None:
     # SIGTERM unwinds like Ctrl-C, so the staged output is removed and nothing half-written remains.
     signal.signal(signal.SIGTERM, _interrupt)
     ctx.with_resource(third_party_quiet())
-    # the library's notes on how a run ran (for example which codec kernels) go to stderr, one line each
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("lorastream: %(message)s"))
-    logging.getLogger("lorastream").addHandler(handler)
-    logging.getLogger("lorastream").setLevel(logging.INFO)
+    # the library's notes on how a run ran (for example which codec kernels) go to stderr, one line each; added
+    # once per process (main runs once per command, many times in one process under tests or batch drivers)
+    logger = logging.getLogger("lorastream")
+    if _LOG_HANDLER not in logger.handlers:
+        logger.addHandler(_LOG_HANDLER)
+    logger.setLevel(logging.INFO)
+
+
+_LOG_HANDLER = logging.StreamHandler()
+_LOG_HANDLER.setFormatter(logging.Formatter("lorastream: %(message)s"))
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -183,7 +188,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, each: bool, as_json: b
         for result in results:
             click.echo(f"{result.out_dir}: already up to date (written by this same merge: inputs and options)"
                        if result.up_to_date else f"wrote {result.out_dir} ({format_size(result.bytes_written)} in "
-                       f"{len(result.files)} files) in {result.seconds:.1f} s", err=True)
+                       f"{len(result.files)} files) in {result.seconds:.1f} s; {_changed(result.changed)}", err=True)
     click.echo(f"Memory used: peak RSS {format_size(results[0].peak_rss)} of a {format_size(results[0].budget)} "
                "budget", err=True)
     if chosen.verify:
@@ -221,9 +226,15 @@ def merge_litgpt(lora_dir: str, out: str | None, base: str | None, as_json: bool
         shown = result.out_dir / result.files[0] if out is None else result.out_dir
         click.echo(f"{shown}: already up to date (written by this same merge: inputs and options)"
                    if result.up_to_date else f"wrote {shown} ({format_size(result.bytes_written)}) in "
-                   f"{result.seconds:.1f} s", err=True)
+                   f"{result.seconds:.1f} s; {_changed(result.changed)}", err=True)
     click.echo(f"Memory used: peak RSS {format_size(result.peak_rss)} of a {format_size(result.budget)} budget",
                err=True)
+
+
+def _changed(counts: dict[str, int]) -> str:
+    """`changed 7 tensors: 4 language model, 3 experts` (what the adapters changed, per model component)."""
+    total = sum(counts.values())
+    return f"changed {total} tensors" + (": " + ", ".join(f"{n} {part}" for part, n in counts.items()) if total else "")
 
 
 def _plan_json(job: Plan) -> dict[str, Any]:
@@ -233,7 +244,7 @@ def _plan_json(job: Plan) -> dict[str, Any]:
             "disk_needed": job.disk_needed, "disk_free": None if is_remote(job.out_dir) else job.disk_free,
             "total_size": job.total_size,
             "shards": [{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in job.shards],
-            "targets": job.targets, "fits": describe_shortfall(job) is None,
+            "targets": job.targets, "changed": job.changed, "fits": describe_shortfall(job) is None,
             **({"gpu": {"budget": job.memory.gpu_budget, "minimum_budget": job.memory.gpu_minimum,
                         "adapter_peak": job.memory.gpu_adapter_peak, "libraries": job.memory.gpu_libraries,
                         "bytes_per_element": job.memory.gpu_bytes_per_element,
@@ -252,6 +263,7 @@ def _render_plan(job: Plan) -> str:
            if any(not isinstance(t.source, TensorRef) for t in job.tensors) else ""),
         f"output    {job.out_dir}: {format_size(job.total_size)}, {len(job.tensors)} tensors "
         f"({merged} computed, {len(job.tensors) - merged} copied)",
+        f"changes   {_changed(job.changed)}",
         f"memory    budget {format_size(job.memory.budget)}, minimum {format_size(job.memory.minimum)} "
         f"(baseline {format_size(job.memory.baseline)}, adapter tensors {format_size(job.memory.adapter_peak)}, "
         + (f"remote I/O buffers {format_size(job.memory.io_buffers)}, " if job.memory.io_buffers else "")

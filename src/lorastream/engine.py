@@ -209,46 +209,63 @@ class _LoadedDelta:
     b: torch.Tensor
     scale: float
     transposed: bool
-
     row_offset: int | None
+    round_to: torch.dtype | None = None  # PEFT's ParamWrapper casts its update to the weight's dtype before adding it
 
     @classmethod
-    def load(cls, delta: Delta, device: torch.device) -> _LoadedDelta:
+    def load(cls, delta: Delta, device: torch.device, weight_dtype: torch.dtype) -> _LoadedDelta:
         lora = delta.lora
         dtype = lora.compute_dtype or torch.float32
-        return cls(lora.a.read().to(device, dtype), lora.b.read().to(device, dtype), delta.scale, delta.transposed,
-                   lora.row_offset)
+        a, b = lora.a.read(), lora.b.read()
+        if lora.expert is not None:  # PEFT's layout of every expert's factors: A [e·r + j, in], B [out, j·E + e]
+            a = a.view(lora.experts, -1, a.shape[-1])[lora.expert]
+            b = b.view(b.shape[0], -1, lora.experts)[:, :, lora.expert]
+        if lora.out_rows is not None:
+            b = b[lora.out_rows[0]:lora.out_rows[1]]
+        round_to = weight_dtype if lora.parameter is not None and weight_dtype != torch.float32 else None
+        return cls(a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous(), delta.scale, delta.transposed,
+                   lora.row_offset, round_to)
 
-    def add_rows(self, work: torch.Tensor, scratch: torch.Tensor, start: int, stop: int) -> None:
-        """work += scale · (B @ A)[start:stop] (or its transpose), computed as PEFT does: matmul, then scale,
-        each rounded to the dtype of A and B (the module's compute dtype)."""
-        if self.row_offset is not None:
-            self._add_part_rows(work, scratch, start, stop)
-            return
-        rows, cols = work.shape
+    def _scaled(self, product: torch.Tensor) -> torch.Tensor:
+        product.mul_(self.scale)
+        if self.round_to is not None:
+            product.copy_(product.to(self.round_to))
+        return product
+
+    def _product(self, scratch: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Rows [first, last) of `scale · (B @ A)` (or of its transpose), computed as PEFT does: matmul, then
+        scale, each rounded to the dtype of A and B (the module's compute dtype)."""
+        rows = last - first
         if self.transposed:
-            product = torch.mm(self.b, self.a[:, start:stop],
+            cols = self.b.shape[0]
+            product = torch.mm(self.b, self.a[:, first:last],
                                out=scratch.view(self.a.dtype)[: rows * cols].view(cols, rows)).T
         else:
-            product = torch.mm(self.b[start:stop], self.a,
+            cols = self.a.shape[1]
+            product = torch.mm(self.b[first:last], self.a,
                                out=scratch.view(self.a.dtype)[: rows * cols].view(rows, cols))
-        product.mul_(self.scale)
-        work.add_(product)
+        return self._scaled(product)
+
+    def add_rows(self, work: torch.Tensor, scratch: torch.Tensor, start: int, stop: int) -> None:
+        """work += the update's rows [start, stop)."""
+        if self.row_offset is None:
+            work.add_(self._product(scratch, start, stop))
+            return
+        self._add_part_rows(work, scratch, start, stop)
 
     def _add_part_rows(self, work: torch.Tensor, scratch: torch.Tensor, start: int, stop: int) -> None:
-        """The update covers rows [row_offset, row_offset + B.rows) of the base only: add its overlap with the
-        block. The product is taken over at least MIN_BLOCK_ROWS rows of B, so a sliver of a part computes with
-        the kernel (and rounding) the whole part's product has."""
-        offset, part_rows = self.row_offset or 0, self.b.shape[0]
+        """The update covers rows [row_offset, row_offset + its rows) of the base only (a part of a fused weight, one
+        expert of a fused-experts tensor): add its overlap with the block. The product is taken over at least
+        MIN_BLOCK_ROWS rows, so a sliver of a part computes with the kernel (and rounding) the whole part's
+        product has."""
+        offset = self.row_offset or 0
+        part_rows = self.a.shape[1] if self.transposed else self.b.shape[0]
         low, high = max(start, offset), min(stop, offset + part_rows)
         if low >= high:
             return
         first = max(offset, min(low, offset + part_rows - MIN_BLOCK_ROWS))
         last = max(high, min(first + MIN_BLOCK_ROWS, offset + part_rows))
-        rows, cols = last - first, work.shape[1]
-        product = torch.mm(self.b[first - offset:last - offset], self.a,
-                           out=scratch.view(self.a.dtype)[: rows * cols].view(rows, cols))
-        product.mul_(self.scale)
+        product = self._product(scratch, first - offset, last - offset)
         work[low - start:high - start].add_(product[low - first:high - first])
 
 
@@ -332,8 +349,9 @@ class _TargetMerge:
         tensor = target.tensor
         self.t, self.lane, self.sink, self.m = tensor, target.output, sink, merger
         device = merger.buf.device
-        self.deltas = [_LoadedDelta.load(d, device) for d in tensor.deltas]
+        self.deltas = [_LoadedDelta.load(d, device, tensor.dtype) for d in tensor.deltas]
         self.magnitude = tensor.magnitude.read().to(device, torch.float32) if tensor.magnitude is not None else None
+        self.token_rows = [(values.read().to(device, torch.float32), indices) for values, indices in tensor.token_rows]
         # DoRA on a weight stored [in, out] scales columns, by norms over every block (set before the merge)
         self.needs_column_norms = self.magnitude is not None and self.deltas[0].transposed
         self.column_factors: torch.Tensor | None = None
@@ -379,6 +397,10 @@ class _TargetMerge:
             delta.add_rows(work, self.m.buf.delta, start, stop)
         for ref, scale in self.t.bias_deltas:
             work.add_(ref.read().to(work.device, torch.float32).reshape(work.shape) * scale)
+        for values, indices in self.token_rows:  # PEFT's TrainableTokens: `index_copy` of the new rows
+            for k, index in enumerate(indices):
+                if start <= index < stop:
+                    work[index - start] = values[k]
         return work
 
     def column_norms(self) -> torch.Tensor:

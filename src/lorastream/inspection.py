@@ -35,7 +35,9 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
     if path.is_dir() and (path / "adapter_config.json").is_file():
         adapter = read_peft_adapter(path)
         refs = {**{f"{m}.lora_A": lora.a for m, lora in adapter.modules.items()},
-                **{f"{m}.lora_B": lora.b for m, lora in adapter.modules.items()}, **adapter.replacements}
+                **{f"{m}.lora_B": lora.b for m, lora in adapter.modules.items()}, **adapter.replacements,
+                **{f"{m}.{part}": ref for m, parts in adapter.unresolved.items() for part, ref in parts.items()},
+                **{f"{m}.trainable_tokens": values for m, (values, _) in adapter.token_rows.items()}}
         config = adapter.config
         return {"path": str(path), "format": "peft-lora", **_summarize_tensors(refs),
                 "r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
@@ -46,7 +48,10 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "modules": {m: {"rank": lora.rank, "scale": lora.scale, "embedding": lora.embedding,
                                 "dora": lora.magnitude is not None, "lora_bias": lora.bias is not None}
                             for m, lora in adapter.modules.items()},
-                "replacements": sorted(adapter.replacements)}
+                "replacements": sorted(adapter.replacements),
+                # with target_parameters, which module is a ParamWrapper (and of which parameter) needs the base model
+                "target_parameters": config.get("target_parameters"), "unresolved_modules": sorted(adapter.unresolved),
+                "trainable_tokens": {m: list(indices) for m, (_, indices) in adapter.token_rows.items()}}
     if path.is_dir() and is_lora_run(path):
         return _inspect_lora_run(read_lora_run(path))
     if path.is_dir() and (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file():

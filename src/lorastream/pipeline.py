@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,12 @@ class MergeResult:
     peak_rss: int
     budget: int
     up_to_date: bool = False  # the output was already there, from the same job: nothing was written
+    changed: dict[str, int] = field(default_factory=dict)  # tensors the adapters changed, per model component
 
     def to_json(self) -> dict[str, Any]:
         return {"out_dir": str(self.out_dir), "files": self.files, "bytes_written": self.bytes_written,
                 "seconds": round(self.seconds, 3), "peak_rss": self.peak_rss, "budget": self.budget,
-                "up_to_date": self.up_to_date}
+                "up_to_date": self.up_to_date, "changed": self.changed}
 
 
 def run(outputs: list[Output], options: MergeOptions, progress: Progress | None = None,
@@ -74,4 +75,4 @@ def run(outputs: list[Output], options: MergeOptions, progress: Progress | None 
 def _result(output: Output, started: float, up_to_date: bool = False) -> MergeResult:
     files = [output.destination.name] if output.single_file else sorted(p.name for p in output.destination.iterdir())
     return MergeResult(output.plan.out_dir, files, output.plan.total_size, time.perf_counter() - started, peak_rss(),
-                       output.plan.memory.budget, up_to_date)
+                       output.plan.memory.budget, up_to_date, output.plan.changed)

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
@@ -24,6 +25,7 @@ from .errors import InputError
 from .formats.hf import HFModel
 from .formats.safetensors import TensorSpec
 from .memory import format_size
+from .vocabulary import component, new_vocab_size
 
 # Models whose linear layers are GPT-2 `Conv1D` (weights stored [in, out]): the tie-breaker for square weights.
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
@@ -53,9 +55,18 @@ class Delta:
 
     @property
     def fp32_bytes(self) -> int:
-        """Memory the A and B tensors take while their module is merged (read, then upcast)."""
-        numel = self.lora.a.numel + self.lora.b.numel
-        return numel * (4 + self.lora.a.dtype.itemsize)
+        """Memory the A and B tensors take while their module is merged (read, then upcast); of one expert's factors
+        only its slice is kept (see `load_bytes`)."""
+        lora = self.lora
+        if lora.expert is None:
+            return (lora.a.numel + lora.b.numel) * (4 + lora.a.dtype.itemsize)
+        return lora.rank * sum(lora.update_shape) * 4
+
+    @property
+    def load_bytes(self) -> int:
+        """What one expert's delta holds for a moment while it is loaded: every expert's factors, read whole."""
+        lora = self.lora
+        return 0 if lora.expert is None else (lora.a.numel + lora.b.numel) * lora.a.dtype.itemsize + self.fp32_bytes
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class OutputTensor:
     magnitude: TensorRef | None = None
     origin: str = "base"  # "adapter" when an adapter tensor replaces the base one
     encoding: Encoding | None = None  # written quantized (then `dtype` is the compute dtype it records)
+    token_rows: tuple[tuple[TensorRef, tuple[int, ...]], ...] = ()  # PEFT TrainableTokens: rows set to new values
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -115,7 +127,7 @@ class OutputTensor:
 
     @property
     def needs_fp32(self) -> bool:
-        return bool(self.deltas or self.bias_deltas or self.magnitude or self.encoding)
+        return bool(self.deltas or self.bias_deltas or self.magnitude or self.encoding or self.token_rows)
 
 
 @dataclass(frozen=True)
@@ -200,8 +212,19 @@ class Plan:
     dtype: torch.dtype | None
     targets: dict[str, list[str]] = field(default_factory=dict)
     quantize: Encoding | None = None
+    vocab_size: int | None = None  # the adapter resized the vocabulary (added tokens)
+    untie: bool = False  # a tied head is written apart from the embedding
     # a single-file format's bytes before the tensor data, computed while planning (the GGUF header)
     preamble: bytes = b""
+
+    @property
+    def changed(self) -> dict[str, int]:
+        """How many tensors of the output the adapters change, per component of the model."""
+        counts: dict[str, int] = {}
+        for tensor in self.tensors:
+            if tensor.deltas or tensor.bias_deltas or tensor.is_replacement or tensor.token_rows:
+                counts[component(tensor.name)] = counts.get(component(tensor.name), 0) + 1
+        return dict(sorted(counts.items()))
 
     @property
     def total_size(self) -> int:
@@ -212,12 +235,54 @@ class Plan:
         return self.disk_free >= self.disk_needed
 
 
-def _base_name(base: HFModel, module_path: str, leaf: str) -> str | None:
-    """The base tensor for `module_path.leaf`, also trying without the base-model prefix (`transformer.`)."""
-    candidates = [f"{module_path}.{leaf}"]
-    if "." in module_path:
-        candidates.append(f"{module_path.split('.', 1)[1]}.{leaf}")
-    return next((c for c in candidates if c in base.sources), None)
+@dataclass(frozen=True)
+class Piece:
+    """One on-disk tensor that holds an in-memory tensor whole, or (fused experts) expert `expert`'s rows
+    [row_start, row_start + its rows) of it."""
+
+    name: str
+    expert: int | None = None
+    row_start: int = 0
+
+
+class TensorLayout(Protocol):
+    """Where each in-memory tensor is on disk, and the ones lorastream cannot map back (see inputs/targets.py)."""
+
+    @property
+    def pieces(self) -> dict[str, tuple[Piece, ...]]: ...
+
+    @property
+    def unsupported(self) -> dict[str, str]: ...
+
+    @property
+    def tied(self) -> dict[str, tuple[str, str]]: ...
+
+
+def _pieces(base: HFModel, on_disk: TensorLayout | None, name: str) -> tuple[Piece, ...] | None:
+    """The on-disk tensors holding the in-memory tensor `name`: through transformers' conversions when the
+    layout `on_disk` is known, else by name (also without the base-model prefix, `transformer.`)."""
+    if on_disk is not None:
+        if name in on_disk.unsupported:
+            raise InputError(f"{base.path}: the adapter changes {name!r}, which {on_disk.unsupported[name]}; "
+                             "lorastream cannot map that change back to the checkpoint's tensors")
+        found = on_disk.pieces.get(name)
+        if found is not None:
+            return found
+        if name in on_disk.tied:  # a tied head: PEFT merges into the tensor it shares with the embedding
+            return (Piece(on_disk.tied[name][0]),)
+    candidates = [name] + ([name.split(".", 1)[1]] if name.count(".") > 1 else [])
+    return next(((Piece(c),) for c in candidates if c in base.sources), None)
+
+
+def _base_name(base: HFModel, on_disk: TensorLayout | None, name: str) -> str | None:
+    """The one on-disk tensor that holds the in-memory tensor `name` whole, None when there is none."""
+    found = _pieces(base, on_disk, name)
+    if found is None:
+        return None
+    if len(found) != 1 or found[0].expert is not None:
+        raise InputError(f"{base.path}: {name!r} is stored as {len(found)} per-expert tensors; only a LoRA on the "
+                         "fused parameter (target_parameters) can be mapped onto them")
+    return found[0].name
 
 
 def _is_transposed(base: HFModel, lora: LoraModule, weight: Source) -> bool:
@@ -252,19 +317,67 @@ class _Contributions:
     bias_deltas: list[tuple[TensorRef, float]] = field(default_factory=list)
     magnitude: TensorRef | None = None
     replacement: TensorRef | None = None
+    token_rows: list[tuple[TensorRef, tuple[int, ...]]] = field(default_factory=list)
 
 
-def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...]) -> tuple[dict[str, _Contributions],
-                                                                                   dict[str, list[str]]]:
-    """Map every adapter tensor to the base tensor it changes."""
+def _parameter_deltas(base: HFModel, on_disk: TensorLayout | None, lora: LoraModule,
+                      weight: float) -> list[tuple[str, Delta]]:
+    """A LoRA on an `nn.Parameter` as deltas of the tensors on disk: the parameter itself (2-D, or one delta per
+    expert of a 3-D one, at that expert's rows), or each expert's piece of a fused one, its slice of the update."""
+    assert lora.parameter is not None
+    target = lora.parameter
+    found = _pieces(base, on_disk, target.name)
+    if not found:
+        raise InputError(f"{lora.a.path}: parameter {target.name!r} has no tensor in the base model {base.path}")
+    experts = lora.experts
+    rows, cols = target.shape[-2:]
+    update = (cols, rows) if target.transposed else (rows, cols)  # one expert's B @ A
+    if lora.update_shape != update:
+        raise InputError(f"{lora.a.path}: parameter {target.name!r}: LoRA update {list(lora.update_shape)} per expert "
+                         f"does not fit its shape {list(target.shape)}")
+    deltas = []
+    for piece in found:
+        ref = base.sources[piece.name]
+        if piece.expert is None:  # stored as it is in memory
+            if tuple(ref.shape) != target.shape:
+                raise InputError(f"{ref.path}: tensor {piece.name!r} has shape {list(ref.shape)}, the parameter "
+                                 f"{target.name!r} {list(target.shape)}")
+            if experts == 1:
+                deltas.append((piece.name, Delta(lora, weight, False)))
+            for expert in range(experts if experts > 1 else 0):
+                part = dataclasses.replace(lora, expert=expert, row_offset=expert * rows)
+                deltas.append((piece.name, Delta(part, weight, target.transposed)))
+        else:
+            if target.transposed or ref.shape[-1] != cols:
+                raise InputError(f"{ref.path}: tensor {piece.name!r} of shape {list(ref.shape)} is not a row block "
+                                 f"of parameter {target.name!r} {list(target.shape)}")
+            part = dataclasses.replace(lora, expert=piece.expert, out_rows=(piece.row_start,
+                                                                            piece.row_start + ref.shape[0]))
+            deltas.append((piece.name, Delta(part, weight, False)))
+    return deltas
+
+
+def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...],
+             on_disk: TensorLayout | None) -> tuple[dict[str, _Contributions], dict[str, list[str]], bool]:
+    """Map every adapter tensor to the base tensor it changes; refuse any it cannot place. Also says whether a tied
+    head is now written apart from the embedding."""
     found: dict[str, _Contributions] = {}
     targets: dict[str, list[str]] = {}
+    untie = False
     for adapter, weight in adapters:
+        if adapter.unresolved:
+            raise InputError(f"{adapter.source}: target_parameters LoRA was read without its base model")
+        missing: list[str] = []
         for module, lora in adapter.modules.items():
-            name = _base_name(base, lora.module, "weight")
+            if lora.parameter is not None:
+                for name, delta in _parameter_deltas(base, on_disk, lora, weight):
+                    found.setdefault(name, _Contributions()).deltas.append(delta)
+                    targets.setdefault(name, []).append(f"{adapter.source}:{module}")
+                continue
+            name = _base_name(base, on_disk, lora.weight_name)
             if name is None:
-                raise InputError(f"{lora.a.path}: module {module!r} has no weight in the base model "
-                                 f"{base.path} (an adapter for another model, or tied weights?)")
+                missing.append(module)
+                continue
             ref = base.sources[name]
             entry = found.setdefault(name, _Contributions())
             entry.deltas.append(Delta(lora, weight, _is_transposed(base, lora, ref)))
@@ -279,7 +392,7 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...]) -> tupl
                                      f"{list(lora.magnitude.shape)}, expected [{expected}]")
                 entry.magnitude = lora.magnitude
             if lora.bias is not None:
-                bias_name = _base_name(base, lora.module, "bias")
+                bias_name = _base_name(base, on_disk, f"{lora.module}.bias")
                 if bias_name is None:
                     raise InputError(f"{lora.bias.path}: module {module!r}: lora_bias needs a bias in the base "
                                      "layer, and the base has none")
@@ -287,15 +400,46 @@ def _collect(base: HFModel, adapters: tuple[tuple[Adapter, float], ...]) -> tupl
                     raise InputError(f"{lora.bias.path}: module {module!r}: lora_B.bias of shape "
                                      f"{list(lora.bias.shape)} does not fit {bias_name!r}")
                 found.setdefault(bias_name, _Contributions()).bias_deltas.append((lora.bias, lora.scale * weight))
+        if missing:  # every adapter tensor is applied, or the merge is refused naming the ones that cannot be
+            more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+            shown = ", ".join(repr(m) for m in missing[:6]) + more
+            raise InputError(f"{adapter.source}: {len(missing)} LoRA modules have no weight in the base model "
+                             f"{base.path}: {shown} (an adapter for another model?)")
         for name, ref in adapter.replacements.items():
-            module, _, leaf = name.rpartition(".")
-            target = _base_name(base, module, leaf) or name
+            target = _replaced(base, on_disk, adapter, name)
+            if target is None:
+                continue
+            if target not in base.sources and on_disk is not None and name in on_disk.tied:
+                untie = True
             entry = found.setdefault(target, _Contributions())
             if entry.replacement is not None:
                 raise InputError(f"{ref.path}: tensor {name!r} is replaced by more than one adapter")
             entry.replacement = ref
             targets.setdefault(target, []).append(f"{adapter.source}:{name} (replaces)")
-    return found, targets
+        for module, (values, indices) in adapter.token_rows.items():
+            name = _base_name(base, on_disk, f"{module}.weight")
+            if name is None:
+                raise InputError(f"{values.path}: trainable tokens of {module!r}: no such embedding in {base.path}")
+            rows = (found[name].replacement or base.sources[name]) if name in found else base.sources[name]
+            if values.shape[1] != rows.shape[1] or max(indices) >= rows.shape[0] or min(indices) < 0:
+                raise InputError(f"{values.path}: trainable tokens of {module!r} (indices up to {max(indices)}, "
+                                 f"{values.shape[1]} wide) do not fit {name!r} of shape {list(rows.shape)}")
+            found.setdefault(name, _Contributions()).token_rows.append((values, indices))
+            targets.setdefault(name, []).append(f"{adapter.source}:{module} (token rows)")
+    return found, targets, untie
+
+
+def _replaced(base: HFModel, on_disk: TensorLayout | None, adapter: Adapter, name: str) -> str | None:
+    """The on-disk tensor an adapter's whole tensor replaces. A tied head's trained copy (`modules_to_save`) is
+    written apart from the embedding, under the head's own on-disk name; a saved copy of its base layer stands for
+    the shared tensor (None: the adapter replaces that tensor already)."""
+    if on_disk is not None and name in on_disk.tied:
+        shared, own = on_disk.tied[name]
+        if name not in adapter.saved_base:
+            return own
+        saved = {_base_name(base, on_disk, n) for n in adapter.saved_base if n not in on_disk.tied}
+        return None if shared in saved else shared
+    return _base_name(base, on_disk, name) or name
 
 
 def _output_dtype(source: Source, dtype: torch.dtype | None, like: Source | None = None) -> torch.dtype:
@@ -316,7 +460,8 @@ def _output_tensors(base: HFModel, found: dict[str, _Contributions], dtype: torc
         assert source is not None
         outputs.append(OutputTensor(name, source, _output_dtype(source, dtype, ref), tuple(entry.deltas),
                                     tuple(entry.bias_deltas), entry.magnitude,
-                                    "base" if entry.replacement is None else "adapter"))
+                                    "base" if entry.replacement is None else "adapter",
+                                    token_rows=tuple(entry.token_rows)))
     return outputs
 
 
@@ -333,7 +478,9 @@ def _shards(tensors: list[OutputTensor], max_shard_size: int) -> tuple[Shard, ..
 def _adapter_bytes(tensor: OutputTensor, encoder_state: bool = True) -> int:
     """What one output holds while it computes `tensor`: its LoRA factors, DoRA magnitude, encoder state (on
     the host also with an accelerator)."""
-    return (sum(d.fp32_bytes for d in tensor.deltas) + (tensor.magnitude.numel * 8 if tensor.magnitude else 0)
+    return (sum(d.fp32_bytes for d in tensor.deltas) + max((d.load_bytes for d in tensor.deltas), default=0)
+            + (tensor.magnitude.numel * 8 if tensor.magnitude else 0)
+            + sum(values.numel * 8 for values, _ in tensor.token_rows)
             + (tensor.encoding.state_bytes(tensor.source.numel) if tensor.encoding and encoder_state else 0))
 
 
@@ -416,23 +563,25 @@ def _trained_on(tensor: OutputTensor, base: HFModel, encoding: Bnb4Encoding,
 def make_plan(base: HFModel, adapters: list[tuple[Adapter, float]], out_dir: Path, *, budget: int, baseline: int,
               disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
               quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None, io_buffers: int = 0,
-              gpu_budget: int = 0, gpu_libraries: int = 0) -> Plan:
+              gpu_budget: int = 0, gpu_libraries: int = 0, on_disk: TensorLayout | None = None) -> Plan:
     """Plan merging `adapters` (each with its weight) into `base`; pure, from headers only.
 
     `quantize` writes linear weights quantized; `trained_on` reads dense linear weights through that 4-bit
     quantization first (the weights a QLoRA adapter was trained against); `io_buffers` is what remote storage
     holds in memory (see `storage.io_buffer_bytes`); `gpu_budget` is the accelerator memory the merge may take
-    when it computes there (0: on the CPU), `gpu_libraries` what torch's libraries keep there for good.
+    when it computes there (0: on the CPU), `gpu_libraries` what torch's libraries keep there for good;
+    `on_disk` maps the adapter's in-memory module names to the checkpoint's tensors (see inputs/targets.py).
     """
     return make_plans(base, [adapters], [out_dir], budget=budget, baseline=baseline, disk_free=disk_free,
                       max_shard_size=max_shard_size, dtype=dtype, quantize=quantize, trained_on=trained_on,
-                      io_buffers=io_buffers, gpu_budget=gpu_budget, gpu_libraries=gpu_libraries)[0]
+                      io_buffers=io_buffers, gpu_budget=gpu_budget, gpu_libraries=gpu_libraries, on_disk=on_disk)[0]
 
 
 def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_dirs: Sequence[Path], *, budget: int,
                baseline: int, disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
                quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None,
                io_buffers: int = 0, gpu_budget: int = 0, gpu_libraries: int = 0,
+               on_disk: TensorLayout | None = None,
                arrange: Callable[[list[OutputTensor]], list[OutputTensor]] | None = None, single_file: str = "",
                preamble: bytes = b"") -> list[Plan]:
     """Plan each of `jobs` (adapters with weights) merged into `base` on its own, all produced in one pass over
@@ -448,8 +597,9 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
     planned = []
     for adapters in jobs:
         frozen = tuple(adapters)
-        found, targets = _collect(base, frozen)
+        found, targets, untie = _collect(base, frozen, on_disk)
         tensors = _output_tensors(base, found, dtype)
+        vocab = new_vocab_size(base, {t.name: t.shape for t in tensors if t.is_replacement})
         if trained_on is not None:
             tensors = [_trained_on(t, base, trained_on, round_trips) for t in tensors]
         if quantize is not None:
@@ -460,13 +610,12 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
         if planned and layout(shards) != layout(planned[0][3]):
             raise InputError(f"{frozen[0][0].source}: adds tensors the base does not have, so its output is laid "
                              "out unlike the others'; merge it on its own")
-        planned.append((frozen, targets, tensors, shards))
-    memory = _memory_plan([tensors for _, _, tensors, _ in planned], budget, baseline, io_buffers, gpu_budget,
-                          gpu_libraries)
+        planned.append((frozen, targets, tensors, shards, vocab, untie))
+    memory = _memory_plan([p[2] for p in planned], budget, baseline, io_buffers, gpu_budget, gpu_libraries)
     return [Plan(base, frozen, out_dir, tuple(tensors), shards, memory,
                  sum(s.nbytes for s in shards) + max(HEADER_ALLOWANCE, len(preamble)) * len(shards), disk_free,
-                 max_shard_size, dtype, targets, quantize, preamble)
-            for (frozen, targets, tensors, shards), out_dir in zip(planned, out_dirs, strict=True)]
+                 max_shard_size, dtype, targets, quantize, vocab, untie, preamble)
+            for (frozen, targets, tensors, shards, vocab, untie), out_dir in zip(planned, out_dirs, strict=True)]
 
 
 def layout(shards: Sequence[Shard]) -> list[tuple[str, list[tuple[str, int]]]]:

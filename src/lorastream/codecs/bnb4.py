@@ -354,9 +354,9 @@ def tensor_bytes(tensor: torch.Tensor) -> bytearray:
 @dataclass
 class RoundTripSource(SameGeometry):
     """A dense weight seen through bitsandbytes 4-bit, `dequantize(quantize(W))`: what a QLoRA adapter was
-    trained against. Double quantization needs every block's absmax first, so the first read makes one
-    pass over the tensor to collect them (numel / blocksize floats). `round_to` rounds the decoded values to
-    another dtype (LitGPT merges in the LoRA weights' dtype)."""
+    trained against. Double quantization needs every block's absmax first, so then the first read makes one
+    pass over the tensor to collect them (numel / blocksize floats); without it each row block stands alone.
+    `round_to` rounds the decoded values to another dtype (LitGPT merges in the LoRA weights' dtype)."""
 
     inner: Source
     encoding: Bnb4Encoding
@@ -394,34 +394,32 @@ class RoundTripSource(SameGeometry):
 
     @property
     def resident_bytes(self) -> int:
-        """The whole tensor's block absmax, kept while it is read (and its copy while it is built)."""
-        return math.ceil(self.numel / self.encoding.blocksize) * 8
+        """With double quantization, the whole tensor's block absmax, kept while it is read (and its copy while
+        it is built)."""
+        return math.ceil(self.numel / self.encoding.blocksize) * 8 if self.encoding.double_quant else 0
 
-    def _block_absmax(self, buffer: memoryview) -> torch.Tensor:
+    def _nested_absmax(self, buffer: memoryview) -> torch.Tensor:
+        """Every block's absmax as double quantization rounds it: one pass over the tensor, at its first read."""
         if self._absmax is None:
-            quantizer = Quantizer4(self.encoding.quant_type, self.encoding.blocksize)
             row_bytes = max(1, self.row_elements * self.inner.decode_bytes_per_element)
             step = max(self.row_alignment, len(buffer) // row_bytes)
             step -= step % self.row_alignment
-            parts = [quantizer.quantize(rows, torch.empty((rows.numel() + 1) // 2, dtype=torch.uint8))[1]
-                     for rows in (self.inner.read_rows(start, min(start + step, self.rows), buffer).float()
-                                  for start in range(0, self.rows, step))]
-            absmax = torch.cat(parts)
-            if self.encoding.double_quant:
-                codes, nested_absmax, offset = quantize_nested(absmax)
-                absmax = dequantize_nested(codes, nested_absmax, offset, dynamic_map())
-            self._absmax = absmax
+            absmax = torch.cat([kernels.block_absmax(self.inner.read_rows(start, min(start + step, self.rows),
+                                                                          buffer).float(), self.encoding.blocksize)
+                                for start in range(0, self.rows, step)])
+            codes, nested_absmax, offset = quantize_nested(absmax)
+            self._absmax = dequantize_nested(codes, nested_absmax, offset, dynamic_map())
         return self._absmax
 
     def read_rows(self, start: int, stop: int, buffer: memoryview, device: torch.device = CPU) -> torch.Tensor:
-        absmax = self._block_absmax(buffer)
+        nested = self._nested_absmax(buffer) if self.encoding.double_quant else None
         quantizer = Quantizer4(self.encoding.quant_type, self.encoding.blocksize)
         values = self.inner.read_rows(start, stop, buffer, device).float()
         packed = torch.empty((values.numel() + 1) // 2, dtype=torch.uint8, device=values.device)
-        quantizer.quantize(values, packed)
-        first_block = start * self.row_elements // self.encoding.blocksize
-        blocks = math.ceil(values.numel() / self.encoding.blocksize)
-        decoded = kernels.decode_4bit(packed, quantizer.code.to(device),
-                                      absmax[first_block:first_block + blocks].to(device), self.encoding.blocksize,
+        _, absmax = quantizer.quantize(values, packed)
+        if nested is not None:
+            first_block = start * self.row_elements // self.encoding.blocksize
+            absmax = nested[first_block:first_block + len(absmax)]
+        decoded = kernels.decode_4bit(packed, quantizer.code.to(device), absmax.to(device), self.encoding.blocksize,
                                       values.numel(), self.inner.dense_dtype)
         return decoded.to(self.dtype).view(values.shape)

@@ -126,14 +126,23 @@ def _quantize_4bit_torch(flat: torch.Tensor, bounds: torch.Tensor, blocksize: in
                                                                                            torch.Tensor]:
     """Bucket indices and absmax, as bitsandbytes' default (torch) kernel computes them."""
     full = flat.numel() - flat.numel() % blocksize
+    absmax = block_absmax(flat, blocksize)
     blocks = flat[:full].view(-1, blocksize)
-    absmax = blocks.abs().max(dim=-1)[0]
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax[:len(blocks)].clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
     if full < flat.numel():  # the tensor's last, partial block: bitsandbytes divides here
-        tail_max = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, tail_max.unsqueeze(0)])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / absmax[-1], -1, 1)])
     return torch.bucketize(scaled, bounds.to(flat.device), out_int32=True), absmax
+
+
+def block_absmax(values: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """The float32 absmax per block that `quantize_4bit` computes (a last, partial block's clamped to 1e-38),
+    without quantizing: double quantization needs every block's before the first block is encoded."""
+    flat = values.reshape(-1)
+    full = flat.numel() - flat.numel() % blocksize
+    absmax = flat[:full].view(-1, blocksize).abs().amax(dim=-1)
+    if full < flat.numel():
+        absmax = torch.cat([absmax, flat[full:].abs().max().clamp(min=1e-38).unsqueeze(0)])
+    return absmax
 
 
 def quantize_int8(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,9 @@ from ..io.locations import Location, RemotePath
 
 @dataclass(frozen=True)
 class TensorRef:
-    """A contiguous tensor stored at `offset` in `path`; rows are slices along dimension 0."""
+    """A contiguous tensor stored at `offset` in `path`, read in rows: every dimension but the last forms the rows
+    (a fused-experts tensor [experts, out, in] is experts x out rows of `in` elements), so a row block can be
+    smaller than one expert's matrix."""
 
     name: str
     dtype: torch.dtype
@@ -38,7 +40,7 @@ class TensorRef:
     @property
     def rows(self) -> int:
         """Number of rows; a scalar or 1-D tensor is read as one row."""
-        return self.shape[0] if len(self.shape) > 1 else 1
+        return math.prod(self.shape[:-1]) if len(self.shape) > 1 else 1
 
     @property
     def row_bytes(self) -> int:

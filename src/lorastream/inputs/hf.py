@@ -17,7 +17,7 @@ from ..codecs import encoding_for
 from ..device import Accelerator, accelerator
 from ..dtypes import FLOAT_DTYPES, config_dtype
 from ..errors import InputError
-from ..formats.hf import open_hf_model, read_json
+from ..formats.hf import HFModel, open_hf_model, read_json
 from ..io.locations import Location, disk_free, io_buffer_bytes, is_remote, location
 from ..io.staging import job_id
 from ..memory import current_rss, default_budget, parse_size
@@ -27,6 +27,7 @@ from ..outputs.base import Output, check_destination, provenance
 from ..outputs.gguf import STAGED_NAME, GGUFFile, arrangement
 from ..planner import MAX_BLOCK_ELEMENTS, Plan, make_plans
 from ..version import __version__
+from .targets import Layout, checkpoint_layout, named_on_disk
 
 PathLike = str | os.PathLike[str]
 
@@ -89,13 +90,31 @@ def each_destinations(adapters: Sequence[PathLike], out: PathLike, suffix: str =
     return [(location(out) / f"{name}{suffix}").absolute() for name in names]
 
 
-def _adapters(paths: list[PathLike], weights: Sequence[float] | None) -> list[tuple[Adapter, float]]:
+def _adapters(paths: list[PathLike], weights: Sequence[float] | None,
+              layout: Layout | None) -> list[tuple[Adapter, float]]:
     if not paths:
         raise InputError("no adapter given")
     weights = list(weights) if weights is not None else [1.0] * len(paths)
     if len(weights) != len(paths):
         raise InputError(f"--weights has {len(weights)} values for {len(paths)} adapters")
-    return [(read_peft_adapter(location(p)), float(w)) for p, w in zip(paths, weights, strict=True)]
+    resolver = layout.parameter_target if layout is not None else None
+    return [(read_peft_adapter(location(p), resolver), float(w)) for p, w in zip(paths, weights, strict=True)]
+
+
+def _on_disk(model: HFModel, jobs: list[tuple[list[PathLike], Sequence[float] | None]]) -> Layout | None:
+    """transformers' map of the model's in-memory tensors to the checkpoint's, when an adapter needs it: it targets
+    `nn.Parameter`s, or names a tensor the checkpoint does not hold under that name (see inputs/targets.py).
+    transformers is imported only then."""
+    adapters = [read_peft_adapter(location(p)) for paths, _ in jobs for p in paths]
+    needed = any(a.unresolved or not named_on_disk(model, a, replacements=False) for a in adapters)
+    if not needed and all(named_on_disk(model, a) for a in adapters):
+        return None
+    try:
+        return checkpoint_layout(model)
+    except InputError:
+        if needed:
+            raise
+        return None  # only whole tensors the base lacks (a new head): written under the adapter's names
 
 
 def plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] | None]], out_dirs: list[Location],
@@ -107,29 +126,26 @@ def plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] |
             if not out_dir.name.endswith(GGUFFile.suffix):
                 raise InputError(f"{out_dir}: --format gguf writes one file; name it OUT.gguf")
         arranged = arrangement(model, options.dtype, options.quantize)
-        gguf = {"arrange": arranged.arrange, "single_file": STAGED_NAME, "preamble": arranged.header}
+        gguf: dict[str, Any] = {"arrange": arranged.arrange, "single_file": STAGED_NAME, "preamble": arranged.header}
     chosen = FLOAT_DTYPES.get(options.dtype or "")
     shard_bytes = parse_size(options.max_shard_size)
     remote_inputs = [model.path, *(location(a) for paths, _ in jobs for a in paths)]
     io_buffers = sum(io_buffer_bytes(remote_inputs if k == 0 else [], out_dir, shard_bytes, 4 * MAX_BLOCK_ELEMENTS)
                      for k, out_dir in enumerate(out_dirs))
     compute = chosen or config_dtype(model.config, torch.bfloat16)
-    if options.format == "gguf":  # the merged values are rounded to the base's dtype, as PEFT's merged folder
-        return make_plans(model, [_adapters(paths, weights) for paths, weights in jobs], out_dirs,
-                          budget=parse_size(options.max_memory) if options.max_memory is not None else default_budget(),
-                          baseline=current_rss(), disk_free=disk_free(out_dirs[0]), max_shard_size=shard_bytes,
-                          trained_on=encoding_for(options.trained_on, options.double_quant,  # type: ignore[arg-type]
-                                                  config_dtype(model.config, torch.bfloat16), "--trained-on"),
-                          io_buffers=io_buffers, gpu_budget=gpu.budget if gpu is not None else 0,
-                          gpu_libraries=gpu.libraries if gpu is not None else 0, **gguf)  # type: ignore[arg-type]
-    return make_plans(model, [_adapters(paths, weights) for paths, weights in jobs], out_dirs,  # type: ignore[arg-type]
+    layout = _on_disk(model, jobs)  # before the baseline is measured: it may import transformers
+    adapters = [_adapters(paths, weights, layout) for paths, weights in jobs]
+    # GGUF: the merged values are rounded to the base's dtype (as PEFT's merged folder), then to the GGUF types
+    output = gguf if options.format == "gguf" else {
+        "dtype": chosen, "quantize": encoding_for(options.quantize, options.double_quant, compute)}
+    return make_plans(model, adapters, out_dirs,  # type: ignore[arg-type]
                       budget=parse_size(options.max_memory) if options.max_memory is not None else default_budget(),
                       baseline=current_rss(), disk_free=disk_free(out_dirs[0]), max_shard_size=shard_bytes,
-                      dtype=chosen, quantize=encoding_for(options.quantize, options.double_quant, compute),
                       trained_on=encoding_for(options.trained_on, options.double_quant,  # type: ignore[arg-type]
                                               config_dtype(model.config, torch.bfloat16), "--trained-on"),
                       io_buffers=io_buffers, gpu_budget=gpu.budget if gpu is not None else 0,
-                      gpu_libraries=gpu.libraries if gpu is not None else 0)
+                      gpu_libraries=gpu.libraries if gpu is not None else 0, on_disk=layout,
+                      **output)  # type: ignore[arg-type]
 
 
 def plan(base: PathLike | None, adapters: PathLike | Sequence[PathLike], out: PathLike, options: MergeOptions) -> Plan:

@@ -70,6 +70,11 @@ class GGUFArrangement:
         if missing:
             raise InputError(f"tensor {sorted(missing)[0]!r}: an adapter adds it, and it has no place in the GGUF "
                              "layout of the base")
+        for t in self.tensors:
+            if by_name[t.hf_name].shape != t.shape:
+                raise InputError(f"tensor {t.hf_name!r}: the adapter changes its shape {list(t.shape)} to "
+                                 f"{list(by_name[t.hf_name].shape)} (added tokens?); the GGUF layout follows the "
+                                 "base: merge to --format hf and convert that")
         return [dataclasses.replace(by_name[t.hf_name], name=t.name, encoding=_encoding(t, by_name[t.hf_name].dtype))
                 for t in self.tensors]
 

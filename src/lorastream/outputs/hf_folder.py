@@ -12,8 +12,9 @@ from ..dtypes import dtype_name
 from ..engine import ShardSink
 from ..formats.hf import SAFETENSORS_INDEX
 from ..formats.safetensors import ShardWriter
-from ..io.locations import Location, copy_file
+from ..io.locations import Location, copy_file, location
 from ..planner import Plan, Shard, skip_modules
+from ..vocabulary import TOKENIZER_FILES, updated_config
 from .base import PROVENANCE_FILE, safetensors_metadata, write_provenance
 
 
@@ -23,7 +24,7 @@ def write_companions(plan: Plan, folder: Location, record: dict[str, Any]) -> No
         index = {"metadata": {"total_size": plan.total_size},
                  "weight_map": {spec.name: s.filename for s in plan.shards for t in s.tensors for spec in t.specs}}
         (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    config = dict(plan.base.config)
+    config = updated_config(plan.base.config, plan.vocab_size, plan.untie)
     config.pop("quantization_config", None)
     if plan.quantize is not None:
         config["quantization_config"] = quantization_config(plan.quantize, skip_modules(plan.base))
@@ -35,7 +36,18 @@ def write_companions(plan: Plan, folder: Location, record: dict[str, Any]) -> No
     for path in plan.base.companion_files:
         if path.name != PROVENANCE_FILE:
             copy_file(path, folder / path.name)
+    for path in adapter_tokenizer_files(plan):  # the adapter's added tokens and chat template win
+        copy_file(path, folder / path.name)
     write_provenance(folder, record)
+
+
+def adapter_tokenizer_files(plan: Plan) -> list[Location]:
+    """The tokenizer files saved with the adapters (the last adapter's, where several have one)."""
+    files: dict[str, Location] = {}
+    for adapter, _ in plan.adapters:
+        folder = location(adapter.source)
+        files.update({p.name: p for p in folder.iterdir() if p.name in TOKENIZER_FILES and p.is_file()})
+    return list(files.values())
 
 
 def quantization_config(encoding: Encoding, skips: list[str]) -> dict[str, Any]:

@@ -1,0 +1,171 @@
+"""Where an adapter's targets are on disk: transformers' own checkpoint conversions, read backwards.
+
+transformers 5 names and shapes some modules in memory unlike the checkpoint `save_pretrained` writes: a
+vision-language model keeps its language model at `model.language_model.layers...` in memory and at
+`model.layers...` or `language_model.model.layers...` on disk; a Mixtral or Qwen3-MoE model fuses its experts
+into 3-D parameters (`mlp.experts.gate_up_proj` [experts, 2·intermediate, hidden]) that are one 2-D tensor per
+expert and projection on disk (`block_sparse_moe.experts.E.w1`). PEFT adapters name the in-memory modules, and
+the output keeps the base's on-disk layout, so each adapter target is resolved here to the on-disk tensors (and
+the part of each) that hold it.
+
+The rules are transformers' own (`conversion_mapping.get_model_conversion_mapping`, applied to each on-disk
+name as `from_pretrained` does with `core_model_loading.rename_source_key`) for the model class the config's
+`architectures` names, built on the meta device: no weight is allocated. Of the conversions, renames and the
+expert fusion (`MergeModulelist(dim=0)`, then `Concatenate(dim=1)`) are inverted; a tensor made by any other
+operation is listed as unsupported, and a merge that targets it is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..adapters.lora import Adapter, ParameterTarget
+from ..errors import InputError
+from ..formats.hf import HFModel
+from ..planner import Piece
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The model's in-memory tensors and the on-disk pieces each is loaded from."""
+
+    architecture: str
+    pieces: dict[str, tuple[Piece, ...]]
+    shapes: dict[str, tuple[int, ...]]
+    unsupported: dict[str, str] = field(default_factory=dict)
+    parameters: dict[str, list[str]] = field(default_factory=dict)  # module -> its own parameters, in order
+    transposed: frozenset[str] = frozenset()
+    # a tied head (no tensor of its own on disk) -> (the on-disk tensor it shares, the name it is saved under alone)
+    tied: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def parameter_target(self, wrapper: str, targets: list[str]) -> ParameterTarget | None:
+        """The parameter a PEFT `ParamWrapper` at `wrapper` (`module.base_layer...`, one `.base_layer` per wrapper
+        nested outside it) adapts, None when `wrapper` is an ordinary module. PEFT wraps a module's targeted
+        parameters in their registration order, each new wrapper outside the others (`_inject_parameters`)."""
+        depth = wrapper.count(".base_layer")
+        module = wrapper.replace(".base_layer", "")
+        targeted = [p for p in self.parameters.get(module, [])
+                    if any(f"{module}.{p}" == t or f"{module}.{p}".endswith(f".{t}") for t in targets)]
+        if depth >= len(targeted):
+            return None
+        name = f"{module}.{targeted[len(targeted) - 1 - depth]}"
+        return ParameterTarget(name, self.shapes[name], module in self.transposed)
+
+
+def named_on_disk(base: HFModel, adapter: Adapter, replacements: bool = True) -> bool:
+    """Whether every tensor `adapter` changes (of its whole-tensor `replacements` too, unless told otherwise) is
+    in the checkpoint under the name it uses: the common case, which needs no conversion rules (no transformers
+    import)."""
+    names = ([lora.weight_name for lora in adapter.modules.values()] + [f"{m}.weight" for m in adapter.token_rows]
+             + (list(adapter.replacements) if replacements else []))
+    return all(n in base.sources or (n.count(".") > 1 and n.split(".", 1)[1] in base.sources) for n in names)
+
+
+def _meta_model(base: HFModel) -> Any:
+    """The model class `architectures` names, built from config.json on the meta device."""
+    try:
+        import transformers
+        from transformers import AutoConfig
+    except ImportError:  # pragma: no cover - the test environment has transformers
+        raise InputError(f"{base.path}: its adapter names modules as transformers does in memory; resolving them "
+                         "needs transformers (pip install 'lorastream[reference]')") from None
+    architectures = base.config.get("architectures") or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        raise InputError(f"{base.path / 'config.json'}: architectures {architectures} is not a model class of "
+                         f"transformers {transformers.__version__}; cannot map the adapter's module names to the "
+                         "checkpoint's tensors")
+    try:
+        config = AutoConfig.for_model(**base.config)
+        with torch.device("meta"):
+            return cls(config)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{base.path / 'config.json'}: transformers cannot build {architectures[0]} from it "
+                         f"({exc})") from exc
+
+
+def _fusion_supported(operations: list[Any]) -> bool:
+    """Whether a converter only stacks per-expert tensors (and concatenates projections): invertible row by row."""
+    kinds = [(type(op).__name__, getattr(op, "dim", None)) for op in operations]
+    return kinds in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)])
+
+
+def checkpoint_layout(base: HFModel) -> Layout:
+    """Every in-memory tensor of `base`'s model class and the on-disk tensors it is loaded from."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    model = _meta_model(base)
+    meta = model.state_dict()
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    pieces: dict[str, list[Piece]] = {}
+    fused: dict[str, list[tuple[int, int, str]]] = {}  # in-memory name -> (projection, expert, on-disk name)
+    unsupported: dict[str, str] = {}
+    for disk in base.sources:
+        name, pattern = rename_source_key(disk, renamings, converters, model.base_model_prefix, meta)
+        if pattern is None:
+            pieces.setdefault(name, []).append(Piece(disk))
+            continue
+        converter = next(c for c in converters if pattern in c.source_patterns)
+        if not _fusion_supported(converter.operations):
+            unsupported[name] = f"transformers loads it from {disk!r} through {converter.operations}"
+            continue
+        expert = re.search(rf"\.(\d+){re.escape(pattern.split('*', 1)[-1])}$", disk)
+        if "*" not in pattern or expert is None:
+            unsupported[name] = f"cannot find the expert number in {disk!r} (pattern {pattern!r})"
+            continue
+        fused.setdefault(name, []).append((converter.source_patterns.index(pattern), int(expert.group(1)), disk))
+    for name, found in fused.items():
+        pieces[name] = _fused_pieces(base, name, found, tuple(meta[name].shape) if name in meta else None,
+                                     unsupported)
+    parameters: dict[str, list[str]] = {}
+    for full in meta:
+        module, _, leaf = full.rpartition(".")
+        parameters.setdefault(module, []).append(leaf)
+    transposed = frozenset(n for n, m in model.named_modules() if getattr(m, "is_transposed", False))
+    found = {n: tuple(p) for n, p in pieces.items() if p}
+    return Layout(type(model).__name__, found, {n: tuple(t.shape) for n, t in meta.items()}, unsupported,
+                  parameters, transposed, _tied(model, found))
+
+
+def _tied(model: Any, pieces: dict[str, tuple[Piece, ...]]) -> dict[str, tuple[str, str]]:
+    """Parameters the model shares with another (a tied head) that have no tensor on disk: the on-disk tensor they
+    share, and the name `save_pretrained` gives them on their own (transformers' conversions reversed)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    saving = [r for r in (c.reverse_transform() for c in conversions[::-1]) if isinstance(r, WeightRenaming)]
+    tied = {}
+    for shared in names.values():
+        owner = next((n for n in shared if n in pieces and len(pieces[n]) == 1), None)
+        for name in shared:
+            if owner is not None and name not in pieces:
+                tied[name] = (pieces[owner][0].name, apply_renamings(name, saving))
+    return tied
+
+
+def _fused_pieces(base: HFModel, name: str, found: list[tuple[int, int, str]], shape: tuple[int, ...] | None,
+                  unsupported: dict[str, str]) -> list[Piece]:
+    """The per-expert pieces of a fused tensor [experts, rows, cols]: projection p of expert e at the rows after
+    the projections before p (`Concatenate(dim=1)` of the stacked experts)."""
+    projections = sorted({p for p, _, _ in found})
+    rows = {p: base.sources[next(d for q, _, d in found if q == p)].shape[0] for p in projections}
+    experts = sorted({e for _, e, _ in found})
+    expected = (len(experts), sum(rows.values()))
+    if shape is None or tuple(shape[:2]) != expected or experts != list(range(len(experts))) or len(found) != len(
+            experts) * len(projections):
+        unsupported[name] = (f"its on-disk experts ({len(experts)} x {len(projections)} tensors) do not stack into "
+                             f"the in-memory shape {list(shape or ())}")
+        return []
+    starts = {p: sum(rows[q] for q in projections if q < p) for p in projections}
+    return [Piece(disk, expert, starts[p]) for p, expert, disk in sorted(found, key=lambda f: (f[1], f[0]))]
