@@ -25,8 +25,7 @@ if [[ ! -f $CACHE/src/vendor/llama.cpp/convert_hf_to_gguf.py ]]; then
 fi
 if [[ ! -x $CACHE/build/bin/llama-quantize ]]; then
     cmake -S "$CACHE/src/vendor/llama.cpp" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-        -DGGML_NATIVE=OFF >/dev/null
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
     cmake --build "$CACHE/build" --config Release -j "$(nproc)" --target llama-quantize llama >/dev/null
 fi
 if [[ ! -f $CACHE/qwen2-tokenizer/tokenizer.json ]]; then
