@@ -7,6 +7,7 @@ The llama.cpp reference (the llama-cpp-python sdist's vendor/llama.cpp, built wi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -23,7 +24,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import Case, build_case, peft_reference, tiny_gpt2, tiny_llama
+from conftest import build_case, peft_reference, tiny_gpt2, tiny_llama
 
 import lorastream
 from lorastream.errors import InputError
@@ -43,7 +44,8 @@ def test_llama_cpp_reference_is_built() -> None:
 
 @dataclass(frozen=True)
 class Family:
-    case: Case
+    base: Path
+    adapter: Path
     merged: Path  # PEFT's merge_and_unload, saved with the base's tokenizer files: the converter's input
     work: Path
 
@@ -63,15 +65,26 @@ class Family:
         return out
 
 
-def _family(root: Path, model: torch.nn.Module, tokenizer: dict[str, bytes]) -> Family:
-    case = build_case(root, model, torch.bfloat16, **LORA)
-    for name, data in tokenizer.items():
-        (case.base / name).write_bytes(data)
+def _family(root: Path, name: str) -> Family:
+    """Build family `name` in a subprocess (`build_family`), so the test process keeps the small RSS the other
+    test modules' in-process budgets assume."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_gguf; "
+            f"test_gguf.build_family({str(root)!r}, {name!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return Family(root / "base", root / "adapter", root / "merged", root)
+
+
+def build_family(root: str, name: str) -> None:
+    """A tiny model of family `name` with a real tokenizer, a PEFT adapter for it, and PEFT's merged folder."""
+    model, tokenizer = _model(name)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if name == "phi3" else LORA["target_modules"]
+    case = build_case(Path(root), model, torch.bfloat16, **{**LORA, "target_modules": targets})
+    for filename, data in tokenizer.items():
+        (case.base / filename).write_bytes(data)
     merged, _ = peft_reference(case)
-    merged.save_pretrained(root / "merged")
-    for name in tokenizer:
-        shutil.copy(case.base / name, root / "merged" / name)
-    return Family(case, root / "merged", root)
+    merged.save_pretrained(Path(root) / "merged")
+    for filename in tokenizer:
+        shutil.copy(case.base / filename, Path(root) / "merged" / filename)
 
 
 def sentencepiece_tokenizer() -> dict[str, bytes]:
@@ -93,23 +106,14 @@ def sentencepiece_tokenizer() -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Family:
     """Llama with 256-wide rows (whole k-quant blocks), grouped-query attention (q/k permuted differently)."""
-    model = tiny_llama(vocab_size=304, hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                       num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
-    return _family(tmp_path_factory.mktemp("gguf-llama"), model, sentencepiece_tokenizer())
+    return _family(tmp_path_factory.mktemp("gguf-llama"), "llama")
 
 
 @pytest.fixture(scope="session")
 def qwen2(tmp_path_factory: pytest.TempPathFactory) -> Family:
     """Qwen2 with the real Qwen2 BPE tokenizer (rebuilt from llama.cpp's vocab file), q/k/v biases, tied
     embeddings (so llama-quantize treats token_embd as the output)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=151936, hidden_size=256, intermediate_size=512,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=128, tie_word_embeddings=True))
-    tokenizer = {p.name: p.read_bytes() for p in QWEN2_TOKENIZER.iterdir()}
-    return _family(tmp_path_factory.mktemp("gguf-qwen2"), model, tokenizer)
+    return _family(tmp_path_factory.mktemp("gguf-qwen2"), "qwen2")
 
 
 _SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
@@ -131,10 +135,11 @@ def _skip_value(data: bytes, at: int, kind: int) -> int:
     return at + _SCALARS[kind]
 
 
-def sections(path: Path) -> tuple[list[tuple[str, bytes]], bytes, bytes]:
-    """A GGUF cut into its raw bytes: each key-value pair (by key), the tensor infos, the tensor data (from the
-    aligned start of the data section). gguf-py's reader takes seconds on a 150k-token vocabulary; this walk,
-    which only skips over values, does not."""
+def sections(path: Path) -> tuple[list[tuple[str, bytes]], bytes, str]:
+    """A GGUF cut into its raw bytes: each key-value pair (by key), the tensor infos, and the SHA-256 of the tensor
+    data (from the aligned start of the data section; a digest, so a session's references stay small in
+    memory). gguf-py's reader takes seconds on a 150k-token vocabulary; this walk, which only skips over
+    values, does not."""
     data = path.read_bytes()
     assert data[:4] == b"GGUF"
     n_tensors, n_kv = int.from_bytes(data[8:16], "little"), int.from_bytes(data[16:24], "little")
@@ -151,7 +156,8 @@ def sections(path: Path) -> tuple[list[tuple[str, bytes]], bytes, bytes]:
         at += 4 + 8 * int.from_bytes(data[at:at + 4], "little") + 4 + 8
     start = at + (-at % 32)
     assert data[at:start] == bytes(start - at)
-    return [(k, v) for k, v in pairs if not k.startswith(PROVENANCE)], data[infos:at], data[start:]
+    return ([(k, v) for k, v in pairs if not k.startswith(PROVENANCE)], data[infos:at],
+            hashlib.sha256(memoryview(data)[start:]).hexdigest())
 
 
 def assert_same_gguf(ours: Path, reference: Path) -> None:
@@ -170,17 +176,17 @@ def assert_same_gguf(ours: Path, reference: Path) -> None:
         raise AssertionError("tensor data differs")
 
 
-_REFERENCES: dict[Path, tuple[list[tuple[str, bytes]], bytes, bytes]] = {}
+_REFERENCES: dict[Path, tuple[list[tuple[str, bytes]], bytes, str]] = {}
 
 
-def _reference_sections(path: Path) -> tuple[list[tuple[str, bytes]], bytes, bytes]:
+def _reference_sections(path: Path) -> tuple[list[tuple[str, bytes]], bytes, str]:
     if path not in _REFERENCES:
         _REFERENCES[path] = sections(path)
     return _REFERENCES[path]
 
 
 def merge(family: Family, out: Path, **options: object) -> lorastream.pipeline.MergeResult:
-    return lorastream.merge(family.case.base, family.case.adapter, out, format="gguf", **options)
+    return lorastream.merge(family.base, family.adapter, out, format="gguf", **options)
 
 
 @pytest.mark.parametrize("qtype", ["bf16", "f16", "q8_0", "q4_0", "q4_k_m", "q6_k"])
@@ -211,20 +217,21 @@ def test_qwen2_equals_llama_cpp(qwen2: Family, tmp_path: Path, qtype: str) -> No
     assert_same_gguf(out, qwen2.reference(qtype))
 
 
-def _other_family(name: str) -> tuple[torch.nn.Module, dict[str, bytes]]:
-    """A tiny model of each other supported family, with a tokenizer of the kind its converter reads."""
+def _model(name: str) -> tuple[torch.nn.Module, dict[str, bytes]]:
+    """A tiny model of each supported family, with a tokenizer of the kind its converter reads."""
     import transformers
 
     torch.manual_seed(0)
     common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
     small = dict(vocab_size=304, **common)
-    if name == "qwen3":
-        config = transformers.Qwen3Config(vocab_size=151936, tie_word_embeddings=True,
-                                          **{**common, "bos_token_id": None, "eos_token_id": 151645})
-        return (transformers.Qwen3ForCausalLM(config),
-                {p.name: p.read_bytes() for p in QWEN2_TOKENIZER.iterdir()})
-    model = {"mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**small)),
+    qwen = {**common, "vocab_size": 151936, "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": 151645}
+    if name in ("qwen2", "qwen3"):
+        config = (transformers.Qwen2Config if name == "qwen2" else transformers.Qwen3Config)(**qwen)
+        model = (transformers.Qwen2ForCausalLM if name == "qwen2" else transformers.Qwen3ForCausalLM)(config)
+        return model, {p.name: p.read_bytes() for p in QWEN2_TOKENIZER.iterdir()}
+    model = {"llama": lambda: tiny_llama(**small),
+             "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**small)),
              "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(head_dim=64, **small)),
              "gemma3": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(head_dim=64, **small)),
              "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
@@ -235,13 +242,10 @@ def _other_family(name: str) -> tuple[torch.nn.Module, dict[str, bytes]]:
 @pytest.mark.parametrize(("name", "qtypes"), [("mistral", ["bf16", "q4_k_m"]), ("qwen3", ["bf16"]),
                                               ("gemma2", ["bf16", "q4_k_m"]), ("gemma3", ["bf16", "q6_k"]),
                                               ("phi3", ["bf16", "q4_k_m"])])
-def test_other_families_equal_llama_cpp(name: str, qtypes: list[str], tmp_path_factory: pytest.TempPathFactory,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_families_equal_llama_cpp(name: str, qtypes: list[str], tmp_path_factory: pytest.TempPathFactory) -> None:
     """Mistral (Llama's layout), Qwen3 (q/k norms), Gemma 2/3 (norms stored as 1 + w, no lm_head), Phi-3 (fused
     qkv and gate_up, its own vocabulary rules)."""
-    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if name == "phi3" else LORA["target_modules"]
-    monkeypatch.setitem(LORA, "target_modules", targets)
-    family = _family(tmp_path_factory.mktemp(f"gguf-{name}"), *_other_family(name))
+    family = _family(tmp_path_factory.mktemp(f"gguf-{name}"), name)
     for qtype in qtypes:
         out = family.work / f"ours-{qtype}.gguf"
         merge(family, out, **({} if qtype == "bf16" else {"quantize": qtype}))
@@ -325,7 +329,7 @@ def test_interrupted_merge_leaves_nothing_and_reruns_to_the_same_file(llama: Fam
 
 def test_kill_9_leaves_nothing_under_the_name_and_the_rerun_writes_the_file(qwen2: Family, tmp_path: Path) -> None:
     out = tmp_path / "model.gguf"
-    command = [sys.executable, "-m", "lorastream", "merge", str(qwen2.case.base), str(qwen2.case.adapter), "-o",
+    command = [sys.executable, "-m", "lorastream", "merge", str(qwen2.base), str(qwen2.adapter), "-o",
                str(out), "--format", "gguf", "--quantize", "q4_k_m", "--max-memory", "480MiB", "--quiet"]
     partial = tmp_path / ".model.gguf.lorastream-partial" / ".model.gguf.partial"
     process = subprocess.Popen(command)
@@ -345,7 +349,7 @@ def test_kill_9_leaves_nothing_under_the_name_and_the_rerun_writes_the_file(qwen
 def test_peak_rss_stays_inside_max_memory(qwen2: Family, tmp_path: Path) -> None:
     """A fresh process (as a user runs it), a budget well below the 78 MB model plus the 150k-token header."""
     out = tmp_path / "model.gguf"
-    run = subprocess.run([sys.executable, "-m", "lorastream", "merge", str(qwen2.case.base), str(qwen2.case.adapter),
+    run = subprocess.run([sys.executable, "-m", "lorastream", "merge", str(qwen2.base), str(qwen2.adapter),
                           "-o", str(out), "--format", "gguf", "--quantize", "q4_k_m", "--max-memory", "480MiB",
                           "--json"], capture_output=True, text=True, check=True)
     result = json.loads(run.stdout)
@@ -356,8 +360,8 @@ def test_peak_rss_stays_inside_max_memory(qwen2: Family, tmp_path: Path) -> None
 
 def test_each_writes_one_gguf_per_adapter(llama: Family, tmp_path: Path) -> None:
     other = tmp_path / "inputs" / "second"
-    shutil.copytree(llama.case.adapter, other)
-    results = lorastream.merge_each(llama.case.base, [llama.case.adapter, other], tmp_path / "out", format="gguf")
+    shutil.copytree(llama.adapter, other)
+    results = lorastream.merge_each(llama.base, [llama.adapter, other], tmp_path / "out", format="gguf")
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["adapter.gguf", "second.gguf"] and len(results) == 2
     for name in names:
@@ -367,13 +371,13 @@ def test_each_writes_one_gguf_per_adapter(llama: Family, tmp_path: Path) -> None
 def test_verify_recomputes_a_gguf_and_finds_a_changed_byte(llama: Family, tmp_path: Path) -> None:
     """`verify` on llama.cpp's own q8_0 file (the types from its file type) passes; one byte changed fails."""
     reference = llama.reference("q8_0")
-    report = lorastream.verify(llama.case.base, llama.case.adapter, reference)
+    report = lorastream.verify(llama.base, llama.adapter, reference)
     assert report.ok and len(report.checks) == len(gguf.GGUFReader(reference).tensors)
     changed = tmp_path / "changed.gguf"
     data = bytearray(reference.read_bytes())
     data[-40] ^= 0x10  # inside the last tensor's data
     changed.write_bytes(bytes(data))
-    report = lorastream.verify(llama.case.base, llama.case.adapter, changed)
+    report = lorastream.verify(llama.base, llama.adapter, changed)
     assert not report.ok and [c.name for c in report.checks if not c.ok] == ["output_norm.weight"]
 
 
@@ -392,13 +396,13 @@ def test_remote_inputs(llama: Family, s3_server, tmp_path: Path) -> None:  # typ
     """A base and adapter in an object store: the tokenizer files are read from a local copy."""
     fs = s3_server[0]
     fs.mkdir("gguf-inputs")
-    fs.put(str(llama.case.base), "gguf-inputs/base", recursive=True)
-    fs.put(str(llama.case.adapter), "gguf-inputs/adapter", recursive=True)
+    fs.put(str(llama.base), "gguf-inputs/base", recursive=True)
+    fs.put(str(llama.adapter), "gguf-inputs/adapter", recursive=True)
     out = tmp_path / "base.gguf"
     lorastream.merge("s3://gguf-inputs/base", "s3://gguf-inputs/adapter", out, format="gguf")
     assert_same_gguf(out, llama.reference("bf16"))
     with pytest.raises(InputError, match="local file"):
-        lorastream.merge(llama.case.base, llama.case.adapter, "s3://gguf-inputs/out.gguf", format="gguf")
+        lorastream.merge(llama.base, llama.adapter, "s3://gguf-inputs/out.gguf", format="gguf")
 
 
 def test_weights_and_trained_on_go_through_the_same_plan(llama: Family, tmp_path: Path) -> None:
@@ -407,7 +411,7 @@ def test_weights_and_trained_on_go_through_the_same_plan(llama: Family, tmp_path
         out = tmp_path / f"{next(iter(options))}.gguf"
         merge(llama, out, quantize="q8_0", **options)
         assert sections(out)[2] != sections(llama.reference("q8_0"))[2]
-        assert lorastream.verify(llama.case.base, llama.case.adapter, out, **options).ok
+        assert lorastream.verify(llama.base, llama.adapter, out, **options).ok
 
 
 def test_unsupported_architecture_is_refused_in_one_line(make_case, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
