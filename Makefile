@@ -7,7 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 LITGPT_VENV ?= .venv-litgpt
 LITGPT_SPEC ?= litgpt==0.5.13
 
-.PHONY: install demo test lint docs package-check bench clean
+# llama.cpp's reference tools (converter, gguf-py, llama-quantize), built once into the cache (~45 min on 2 cores).
+LLAMA_CPP_CACHE ?= $(or $(LORASTREAM_CACHE),$(HOME)/.cache/lorastream)/llama.cpp
+
+.PHONY: install demo test lint docs package-check bench clean llama-cpp
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,8 +30,12 @@ $(LITGPT_VENV)/bin/litgpt:
 demo: install
 	$(VENV)/bin/lorastream demo
 
+llama-cpp: install
+	tools/llama_cpp.sh $(PY)
+	$(PY) -m pip install -q "$(LLAMA_CPP_CACHE)/src/vendor/llama.cpp/gguf-py"
+
 # pytest exits 5 when no test ran: that fails `make test` like any other failure.
-test: install $(LITGPT_VENV)/bin/litgpt
+test: install $(LITGPT_VENV)/bin/litgpt llama-cpp
 	$(PY) -m pytest
 	$(MAKE) lint docs package-check
 

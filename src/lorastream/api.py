@@ -16,6 +16,8 @@ from .engine import Progress
 from .extract import AdapterResult as AdapterResult  # the `extract` and `save_lora` verbs live in extract.py
 from .extract import extract as extract
 from .extract import save_lora as save_lora
+from .formats.gguf import read_gguf_header
+from .formats.gguf import tensor_refs as gguf_tensor_refs
 from .formats.litgpt import MODEL_FILE
 from .formats.torchzip import read_state_dict
 from .inputs import hf as hf_input
@@ -23,6 +25,7 @@ from .inputs import litgpt as litgpt_input
 from .inspection import inspect as inspect
 from .io.locations import location
 from .options import MergeOptions
+from .outputs.gguf import gguf_options
 from .pipeline import MergeResult as MergeResult
 from .planner import Plan
 from .verification import VerifyReport, compare, recorded_options, safetensors_tensors
@@ -68,7 +71,7 @@ def merge(base: PathLike | None, adapters: PathLike | Sequence[PathLike], out: P
     out_dir = location(out).absolute()
     paths = hf_input.adapter_paths(adapters)
     model = hf_input.resolve_base(base, paths, chosen.revision)
-    hf_input.check_output(model, paths, out_dir, chosen.overwrite)
+    hf_input.check_output(model, paths, out_dir, chosen.overwrite, chosen.format == "gguf")
     gpu = hf_input.gpu(chosen)
     jobs = hf_input.plan_pass(model, [(paths, chosen.weights)], [out_dir], chosen, gpu)
     return pipeline.run(hf_input.outputs(jobs, chosen, gpu), chosen, progress, gpu)[0]
@@ -83,10 +86,10 @@ def merge_each(base: PathLike | None, adapters: Sequence[PathLike], out: PathLik
     same options, and has its own staging folder: atomic, and resumed by rerunning the same command.
     """
     chosen = MergeOptions.of(options, fields)
-    out_dirs = hf_input.each_destinations(adapters, out)
+    out_dirs = hf_input.each_destinations(adapters, out, hf_input.suffix(chosen))
     model = hf_input.resolve_base(base, adapters, chosen.revision)
     for adapter, out_dir in zip(adapters, out_dirs, strict=True):
-        hf_input.check_output(model, [adapter], out_dir, chosen.overwrite)
+        hf_input.check_output(model, [adapter], out_dir, chosen.overwrite, chosen.format == "gguf")
     gpu = hf_input.gpu(chosen)
     jobs = hf_input.plan_pass(model, [([a], None) for a in adapters], out_dirs, chosen, gpu)
     return pipeline.run(hf_input.outputs(jobs, chosen, gpu), chosen, progress, gpu)
@@ -103,6 +106,12 @@ def verify(base: PathLike | None, adapters: PathLike | Sequence[PathLike], merge
     `verification`).
     """
     merged_dir = location(merged)
+    if merged_dir.suffix == ".gguf":
+        header = read_gguf_header(merged_dir)  # type: ignore[arg-type]
+        chosen = MergeOptions.of(MergeOptions(**gguf_options(header.metadata)),
+                                 {**(options.given() if options else {}), **fields, "device": "cpu"})
+        job = hf_input.plan(base, adapters, merged_dir, chosen)
+        return compare(job, gguf_tensor_refs(header), True if exact is None else exact, progress)
     recorded = recorded_options(merged_dir, (*RECORDED, "device"))  # type: ignore[arg-type]
     chosen = MergeOptions.of(MergeOptions(**{k: v for k, v in recorded.items() if k != "device"}),
                              {**(options.given() if options else {}), **fields})

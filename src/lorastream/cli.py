@@ -299,7 +299,7 @@ def _render_verify(report: api.VerifyReport) -> str:
 
 @main.command()
 @click.argument("base", type=click.Path(file_okay=False))
-@click.argument("paths", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
 @_merge_options(options.VERIFY)
 @click.option("--exact/--tolerant", default=None,
               help="Require identical bytes (default for lorastream's outputs) or allow one rounding step.")
@@ -307,8 +307,8 @@ def _render_verify(report: api.VerifyReport) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="Only the summary line and failures.")
 @_reports_errors
 def verify(base: str, paths: tuple[str, ...], exact: bool | None, as_json: bool, quiet: bool, **fields: Any) -> None:
-    """Recompute merging ADAPTERS into BASE and compare with MERGED (the last path). Exit 0 when every
-    tensor matches, 4 otherwise."""
+    """Recompute merging ADAPTERS into BASE and compare with MERGED (the last path: a folder, or a .gguf file,
+    recomputed with the types its file type names). Exit 0 when every tensor matches, 4 otherwise."""
     if len(paths) < 2:
         raise click.UsageError("expected BASE ADAPTER... MERGED")
     report = api.verify(base, list(paths[:-1]), paths[-1], MergeOptions(**fields), exact=exact)

@@ -57,3 +57,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 def config_dtype(config: dict[str, Any], default: torch.dtype) -> torch.dtype:
     """The dtype a config.json records (`dtype`, or the older `torch_dtype`), else `default`."""
     return FLOAT_DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "", default)
+
+# GGUF tensor types (ggml's names, as `gguf.GGMLQuantizationType` spells them) by the `--dtype` names of the dense
+# types and the `--quantize` names lorastream takes with `--format gguf` (llama-quantize's presets, lower case).
+GGUF_DENSE_TYPES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+GGUF_QUANT_PRESETS: tuple[str, ...] = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")
+# The torch dtype a dense GGUF type is written from.
+GGUF_TORCH_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

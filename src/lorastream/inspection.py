@@ -3,6 +3,7 @@ headers only."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 from .adapters.peft import read_peft_adapter
 from .codecs.plain import TensorRef
 from .errors import InputError
+from .formats.gguf import GGUFArray, GGUFHeader, read_gguf_header, type_name
 from .formats.hf import open_hf_model, read_json
 from .formats.litgpt import CONFIG_FILE, MODEL_FILE, LoraRun, is_lora_run, open_litgpt_model, read_lora_run
 from .formats.safetensors import read_header
@@ -66,6 +68,8 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "quantized_bytes_on_disk": sum(src.stored_bytes for src in quantized.values()),
                 "quantized_bytes_dequantized": sum(src.numel * src.dense_dtype.itemsize for src in quantized.values()),
                 "files": [p.name for p in model.weight_files]}
+    if path.suffix == ".gguf":
+        return _inspect_gguf(read_gguf_header(path))  # type: ignore[arg-type]
     if path.suffix == ".safetensors":
         header = read_header(path)
         return {"path": str(path), "format": "safetensors", **_summarize_tensors(header.tensors),
@@ -99,3 +103,25 @@ def _inspect_lora_run(run: LoraRun) -> dict[str, Any]:
             "checkpoint_dir": hparams.get("checkpoint_dir"), "precision": hparams.get("precision"),
             "quantize": hparams.get("quantize"), **_describe_litgpt_config(run.config, run.path / CONFIG_FILE),
             "merged": str(run.path / MODEL_FILE) if (run.path / MODEL_FILE).is_file() else None}
+
+
+def _inspect_gguf(header: GGUFHeader) -> dict[str, Any]:
+    """A GGUF's architecture, tensor types and counts, bytes, tokenizer and other metadata (arrays by length)."""
+    meta = header.metadata
+    types = Counter(type_name(t.type_id) for t in header.tensors)
+    size = header.path.stat().st_size
+    arrays = {k: v.length for k, v in meta.items() if isinstance(v, GGUFArray)}
+    return {"path": str(header.path), "format": f"gguf-v{header.version}",
+            "architecture": meta.get("general.architecture"), "name": meta.get("general.name"),
+            "file_type": meta.get("general.file_type"), "tensors": len(header.tensors),
+            "parameters": sum(math.prod(t.ggml_shape) for t in header.tensors), "bytes": size - header.data_start,
+            "header_bytes": header.data_start, "types": dict(types),
+            "tokenizer": {"model": meta.get("tokenizer.ggml.model"), "pre": meta.get("tokenizer.ggml.pre"),
+                          "tokens": arrays.get("tokenizer.ggml.tokens"), "merges": arrays.get("tokenizer.ggml.merges"),
+                          **{k.removeprefix("tokenizer.ggml."): v for k, v in meta.items()
+                             if k.startswith("tokenizer.ggml.") and k.endswith(("_id", "_token"))},
+                          "chat_template": "tokenizer.chat_template" in meta},
+            "metadata": {k: v for k, v in meta.items() if not isinstance(v, GGUFArray)
+                         and not k.startswith("tokenizer.")},
+            "tensor_list": [{"name": t.name, "dtype": type_name(t.type_id), "shape": list(t.shape)}
+                            for t in header.tensors]}

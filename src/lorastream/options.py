@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .device import DEVICES, Accelerator
-from .dtypes import FLOAT_DTYPES
+from .dtypes import FLOAT_DTYPES, GGUF_QUANT_PRESETS
 from .errors import InputError
 from .memory import parse_size
 from .outputs import WRITERS
 
 EXECUTORS = ("local", "ray")
 OUTPUT_FORMATS = tuple(WRITERS)
-QUANTIZE = ("nf4", "fp4", "int8")
+QUANTIZE = ("nf4", "fp4", "int8", *GGUF_QUANT_PRESETS)
 TRAINED_ON = ("nf4", "fp4")
 
 # The commands an option belongs to (as the CLI names them); `batch` jobs take those of merge / merge-litgpt.
@@ -137,7 +137,8 @@ class MergeOptions:
         "LitGPT).", ALL_PLANS | {VERIFY_LITGPT}, _choice(*FLOAT_DTYPES), choices=tuple(FLOAT_DTYPES))
     max_shard_size: str | int = _option("5GB", "Largest output shard.", ALL_PLANS, _size)
     quantize: str | None = _option(
-        None, "Write linear weights in bitsandbytes' format (transformers loads it as is).", ALL_PLANS,
+        None, "Write linear weights in bitsandbytes' format (transformers loads it as is); with --format gguf, a "
+        "GGUF type or llama-quantize preset (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_m, q5_k_m, q6_k).", ALL_PLANS,
         _choice(*QUANTIZE), choices=QUANTIZE)
     trained_on: str | None = _option(
         None, "Merge into the base as QLoRA training saw it, dequantize(quantize(W)), not the dense weights.",
@@ -147,8 +148,9 @@ class MergeOptions:
         "--trained-on, as its quantize setting says, bnb.nf4-dq).", ALL_PLANS | {VERIFY_LITGPT}, _optional_flag)
     format: str | None = _option(
         None, "Output format: hf (a safetensors folder; the default for a Hugging Face base; for a LitGPT run with "
-        "LitGPT's key map and a config.json) or litgpt (lit_model.pth; the default for a LitGPT run, written into "
-        "the run folder without -o).", ALL_PLANS, _choice(*OUTPUT_FORMATS), choices=OUTPUT_FORMATS)
+        "LitGPT's key map and a config.json), litgpt (lit_model.pth; the default for a LitGPT run, written into "
+        "the run folder without -o) or gguf (one .gguf file for llama.cpp, Ollama, LM Studio; pip install "
+        "'lorastream[gguf]').", ALL_PLANS, _choice(*OUTPUT_FORMATS), choices=OUTPUT_FORMATS)
     device: str | Accelerator = _option(  # noqa: RUF009 (a field() with metadata, as the others)
         "cpu", "Merge on the CPU or a CUDA GPU (auto: the GPU if there is one; cuda without one merges on the "
         "CPU, with a notice).", PEFT_COMMANDS, _device, choices=DEVICES)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -214,6 +214,8 @@ class Plan:
     quantize: Encoding | None = None
     vocab_size: int | None = None  # the adapter resized the vocabulary (added tokens)
     untie: bool = False  # a tied head is written apart from the embedding
+    # a single-file format's bytes before the tensor data, computed while planning (the GGUF header)
+    preamble: bytes = b""
 
     @property
     def changed(self) -> dict[str, int]:
@@ -514,7 +516,8 @@ def _memory_plan(outputs: Sequence[Sequence[OutputTensor]], budget: int, baselin
     min_elements = max(t.min_block_rows * t.row_elements for t in decoded)
     per_element = sum(size for _, size in in_flight)
     # the compiled codec kernels, loaded on first use (after the baseline was measured)
-    coded = any(getattr(t.source, "uses_kernels", False) or t.encoding is not None for t in decoded)
+    coded = any(getattr(t.source, "uses_kernels", False) or getattr(t.encoding, "uses_kernels", t.encoding is not None)
+                for t in decoded)
     reserve = RESERVE_BYTES + (kernels.load_bytes() if coded else 0)
     spare = budget - baseline - reserve - io_buffers - adapter_peak
     elements = min(MAX_BLOCK_ELEMENTS, spare // per_element)
@@ -584,10 +587,15 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
                baseline: int, disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
                quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None,
                io_buffers: int = 0, gpu_budget: int = 0, gpu_libraries: int = 0,
-               on_disk: TensorLayout | None = None) -> list[Plan]:
+               on_disk: TensorLayout | None = None,
+               arrange: Callable[[list[OutputTensor]], list[OutputTensor]] | None = None, single_file: str = "",
+               preamble: bytes = b"") -> list[Plan]:
     """Plan each of `jobs` (adapters with weights) merged into `base` on its own, all produced in one pass over
     the base (`merge --each`): a base tensor is one source for every plan, so the engine reads each row block
-    once, and the plans share one memory plan that holds every output's buffers and adapter tensors."""
+    once, and the plans share one memory plan that holds every output's buffers and adapter tensors.
+
+    A single-file format (GGUF) passes `arrange`, which orders, names and encodes the tensors its way, the
+    `single_file` name of its one shard, and the `preamble` written before the tensor data."""
     if quantize is not None and base.model_type in CONV1D_MODEL_TYPES:
         raise InputError(f"{base.path}: {base.model_type} stores linear layers as Conv1D; writing them "
                          "quantized is not supported")
@@ -603,15 +611,17 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
         if quantize is not None:
             tensors = [dataclasses.replace(t, encoding=quantize) if _is_quantizable(t, base, on_disk) else t
                        for t in tensors]
-        shards = _shards(tensors, max_shard_size)
+        if arrange is not None:
+            tensors = arrange(tensors)
+        shards = (Shard(single_file, tuple(tensors)),) if single_file else _shards(tensors, max_shard_size)
         if planned and layout(shards) != layout(planned[0][3]):
             raise InputError(f"{frozen[0][0].source}: adds tensors the base does not have, so its output is laid "
                              "out unlike the others'; merge it on its own")
         planned.append((frozen, targets, tensors, shards, vocab, untie))
     memory = _memory_plan([p[2] for p in planned], budget, baseline, io_buffers, gpu_budget, gpu_libraries)
     return [Plan(base, frozen, out_dir, tuple(tensors), shards, memory,
-                 sum(s.nbytes for s in shards) + HEADER_ALLOWANCE * len(shards), disk_free, max_shard_size, dtype,
-                 targets, quantize, vocab, untie)
+                 sum(s.nbytes for s in shards) + max(HEADER_ALLOWANCE, len(preamble)) * len(shards), disk_free,
+                 max_shard_size, dtype, targets, quantize, vocab, untie, preamble)
             for (frozen, targets, tensors, shards, vocab, untie), out_dir in zip(planned, out_dirs, strict=True)]
 
 

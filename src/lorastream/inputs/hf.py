@@ -24,6 +24,7 @@ from ..memory import current_rss, default_budget, parse_size
 from ..options import MergeOptions
 from ..outputs import writer
 from ..outputs.base import Output, check_destination, provenance
+from ..outputs.gguf import STAGED_NAME, GGUFFile, arrangement
 from ..planner import MAX_BLOCK_ELEMENTS, Plan, make_plans
 from ..version import __version__
 from .targets import Layout, checkpoint_layout, named_on_disk
@@ -75,8 +76,9 @@ def resolve_base(base: PathLike | None, adapters: Sequence[PathLike], revision: 
     return location(f"hf://{base}" + (f"@{revision}" if revision else ""))
 
 
-def each_destinations(adapters: Sequence[PathLike], out: PathLike) -> list[Location]:
-    """`out/<adapter folder name>` for every adapter; two adapters with the same folder name are refused."""
+def each_destinations(adapters: Sequence[PathLike], out: PathLike, suffix: str = "") -> list[Location]:
+    """`out/<adapter folder name><suffix>` for every adapter (`.gguf` for GGUF files); two adapters with the same
+    folder name are refused."""
     if not adapters:
         raise InputError("--each: no adapter given")
     names = [location(a).name for a in adapters]
@@ -85,7 +87,7 @@ def each_destinations(adapters: Sequence[PathLike], out: PathLike) -> list[Locat
             same = [str(a) for a, n in zip(adapters, names, strict=True) if n == name]
             raise InputError(f"--each: adapters {', '.join(same)} share the folder name {name!r}, which names their "
                              "output folder; rename or link one of them")
-    return [(location(out) / name).absolute() for name in names]
+    return [(location(out) / f"{name}{suffix}").absolute() for name in names]
 
 
 def _adapters(paths: list[PathLike], weights: Sequence[float] | None,
@@ -121,6 +123,12 @@ def plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] |
               options: MergeOptions, gpu: Accelerator | None) -> list[Plan]:
     """Plans of one pass over `base`: each job (adapters, weights) merged into its output folder."""
     model = open_hf_model(location(base))
+    if options.format == "gguf":  # the header (tokenizer included) is built before the baseline is measured
+        for out_dir in out_dirs:
+            if not out_dir.name.endswith(GGUFFile.suffix):
+                raise InputError(f"{out_dir}: --format gguf writes one file; name it OUT.gguf")
+        arranged = arrangement(model, options.dtype, options.quantize)
+        gguf: dict[str, Any] = {"arrange": arranged.arrange, "single_file": STAGED_NAME, "preamble": arranged.header}
     chosen = FLOAT_DTYPES.get(options.dtype or "")
     shard_bytes = parse_size(options.max_shard_size)
     remote_inputs = [model.path, *(location(a) for paths, _ in jobs for a in paths)]
@@ -130,14 +138,17 @@ def plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] |
     # before the baseline is measured: it may import transformers
     layout = _on_disk(model, jobs, options.quantize is not None or options.trained_on is not None)
     adapters = [_adapters(paths, weights, layout) for paths, weights in jobs]
+    # GGUF: the merged values are rounded to the base's dtype (as PEFT's merged folder), then to the GGUF types
+    output = gguf if options.format == "gguf" else {
+        "dtype": chosen, "quantize": encoding_for(options.quantize, options.double_quant, compute)}
     return make_plans(model, adapters, out_dirs,  # type: ignore[arg-type]
                       budget=parse_size(options.max_memory) if options.max_memory is not None else default_budget(),
                       baseline=current_rss(), disk_free=disk_free(out_dirs[0]), max_shard_size=shard_bytes,
-                      dtype=chosen, quantize=encoding_for(options.quantize, options.double_quant, compute),
                       trained_on=encoding_for(options.trained_on, options.double_quant,  # type: ignore[arg-type]
                                               config_dtype(model.config, torch.bfloat16), "--trained-on"),
                       io_buffers=io_buffers, gpu_budget=gpu.budget if gpu is not None else 0,
-                      gpu_libraries=gpu.libraries if gpu is not None else 0, on_disk=layout)
+                      gpu_libraries=gpu.libraries if gpu is not None else 0, on_disk=layout,
+                      **output)  # type: ignore[arg-type]
 
 
 def plan(base: PathLike | None, adapters: PathLike | Sequence[PathLike], out: PathLike, options: MergeOptions) -> Plan:
@@ -150,15 +161,23 @@ def plan(base: PathLike | None, adapters: PathLike | Sequence[PathLike], out: Pa
 def plan_each(base: PathLike | None, adapters: Sequence[PathLike], out: PathLike, options: MergeOptions) -> list[Plan]:
     """The plans of merging each adapter on its own into `out/<adapter folder name>/`, in one pass."""
     return plan_pass(resolve_base(base, adapters, options.revision), [([a], None) for a in adapters],
-                     each_destinations(adapters, out), options, gpu(options))
+                     each_destinations(adapters, out, suffix(options)), options, gpu(options))
 
 
-def check_output(base: PathLike, adapters: Sequence[PathLike], out_dir: Location, overwrite: bool) -> None:
+def suffix(options: MergeOptions) -> str:
+    """What ends each output's name under `merge --each`: `.gguf` for GGUF files, nothing for folders."""
+    return getattr(writer(options.format or "hf"), "suffix", "")
+
+
+def check_output(base: PathLike, adapters: Sequence[PathLike], out_dir: Location, overwrite: bool,
+                 single_file: bool = False) -> None:
     """Refuse an output folder that is one of the inputs, or holds something not to be replaced."""
     for path in [location(base), *(location(a) for a in adapters)]:
         if is_remote(path) == is_remote(out_dir) and path.exists() and out_dir.exists() and out_dir.samefile(path):
             raise InputError(f"{out_dir}: the output folder is one of the inputs; choose another -o folder")
-    check_destination(out_dir, overwrite)
+    if single_file and is_remote(out_dir):
+        raise InputError(f"{out_dir}: --format gguf writes to a local file; write it here and upload it")
+    check_destination(out_dir, overwrite, single_file)
 
 
 def identity(job: Plan, options: MergeOptions, gpu: Accelerator | None) -> tuple[dict[str, Any], str]:
@@ -181,5 +200,7 @@ def outputs(plans: list[Plan], options: MergeOptions, gpu: Accelerator | None) -
     if options.format == "litgpt":
         raise InputError("--format litgpt writes lit_model.pth from a LitGPT run; a Hugging Face base is merged "
                          "into --format hf")
+    if options.format == "gguf":
+        return [Output(job, GGUFFile(job.preamble), *identity(job, options, gpu), job.out_dir) for job in plans]
     chosen = writer(options.format or "hf")
     return [Output(job, chosen, *identity(job, options, gpu), job.out_dir) for job in plans]

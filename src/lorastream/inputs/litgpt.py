@@ -33,6 +33,9 @@ def open_run(lora_dir: PathLike, base: PathLike | None) -> tuple[LoraRun, HFMode
 
 
 def output_format(options: MergeOptions) -> str:
+    if options.format == "gguf":
+        raise InputError("--format gguf takes a Hugging Face base and PEFT adapters; merge the LitGPT run with "
+                         "--format hf, then write the GGUF from that folder (or convert it with llama.cpp)")
     return options.format or "litgpt"
 
 

@@ -4,20 +4,22 @@ Adding a format is one module here that defines a class with the `OutputWriter` 
 `outputs.base`: `name`, `open_shard(folder, shard, record)` giving the sink the engine streams each shard
 into, `finish(plan, folder, record)` adding the other files before the folder is promoted) and one line in
 `WRITERS` below. The pipeline stages, resumes and promotes every format the same way; an input family
-(`inputs/`) decides which formats it can plan for. A GGUF writer, for instance, is `outputs/gguf.py` with
-`class GGUFFile` (name "gguf", one shard per file) and the line `GGUFFile(),`.
+(`inputs/`) decides which formats it can plan for. The GGUF writer, for instance, is `outputs/gguf.py` with
+`class GGUFFile` (name "gguf", one file whose tensor order, names and encodings its `arrangement` decides).
 """
 
 from __future__ import annotations
 
 from ..errors import InputError
 from .base import OutputWriter
+from .gguf import GGUFFile
 from .hf_folder import HFFolder
 from .lit_model import LitModel
 
 WRITERS: dict[str, OutputWriter] = {writer.name: writer for writer in (
     HFFolder(),
     LitModel(),
+    GGUFFile(),
 )}
 
 

@@ -47,12 +47,19 @@ class Output:
 
     @property
     def single_file(self) -> bool:
-        return self.destination != self.plan.out_dir
+        """The output is one file (GGUF; lit_model.pth beside a LitGPT run), promoted by one rename."""
+        return self.destination != self.plan.out_dir or getattr(self.writer, "single_file", False)
 
 
-def check_destination(out_dir: Location, overwrite: bool) -> None:
-    """Refuse to replace an existing non-empty folder unless asked to. A folder lorastream wrote is left to
-    `check_rerun`, once the job is planned: it may hold this very job's output."""
+def check_destination(out_dir: Location, overwrite: bool, single_file: bool = False) -> None:
+    """Refuse to replace an existing non-empty folder (or, for a single-file format, a file) unless asked to. A
+    folder lorastream wrote is left to `check_rerun`, once the job is planned: it may hold this very job's output."""
+    if single_file:
+        if out_dir.is_dir():
+            raise InputError(f"{out_dir}: is a folder; the output is one file")
+        if out_dir.exists() and not overwrite:
+            raise InputError(f"{out_dir}: file exists; pass --overwrite to replace it")
+        return
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite and not (out_dir / PROVENANCE_FILE).is_file():

@@ -1,0 +1,233 @@
+"""The GGUF writer (`--format gguf`): one file llama.cpp, Ollama and LM Studio load, written straight from the
+merged row blocks.
+
+Everything before the tensor data (metadata, tokenizer, tensor infos with their offsets) depends only on the
+config, the tokenizer files and the plan's shapes and types, so it is computed with gguf-py's `GGUFWriter`
+before the merge starts; the tensor data then streams in plan order, each tensor padded to the alignment as
+gguf-py pads it. The file is written under a temporary name in the staging folder and renamed into place
+only when complete; a run killed before that leaves nothing under the output's name, and its rerun starts
+the file over (the staging manifest never records a partial file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..codecs.gguf_quants import GGUFEncoding, gguf_module
+from ..dtypes import GGUF_DENSE_TYPES, GGUF_QUANT_PRESETS, GGUF_TORCH_DTYPES
+from ..engine import ShardSink
+from ..errors import InputError
+from ..formats.hf import HFModel
+from ..formats.safetensors import TensorSpec
+from ..io.atomic import AtomicFile
+from ..io.locations import Location, copy_file
+from ..planner import OutputTensor, Plan, Shard
+from .gguf_layout import GGUFTensor, block_count, converter_types, hparams_of, layout
+from .gguf_presets import PRESETS, preset_file_type, preset_types
+from .gguf_vocab import add_vocab
+
+# The name the GGUF has inside its staging folder; it is renamed to the output's own name when complete.
+STAGED_NAME = "model.gguf"
+ALIGNMENT = 32  # gguf-py's GGUF_DEFAULT_ALIGNMENT, which the converter keeps
+
+
+def _pad(size: int) -> int:
+    return -size % ALIGNMENT
+
+
+def default_dense(model: HFModel) -> str:
+    """The converter's `--outtype auto`: the dtype of the first 2-D tensor if bfloat16 or float16, else F16."""
+    for source in model.sources.values():
+        if len(source.shape) >= 2 and source.dtype.is_floating_point:
+            dense = source.dense_dtype
+            return "BF16" if dense == torch.bfloat16 else "F16"
+    return "F16"
+
+
+@dataclass(frozen=True)
+class GGUFArrangement:
+    """What a GGUF of a base model holds, known before any tensor data: the tensors (GGUF name, type, row
+    order) in file order, and the bytes that precede their data."""
+
+    tensors: tuple[GGUFTensor, ...]
+    header: bytes
+
+    def arrange(self, planned: list[OutputTensor]) -> list[OutputTensor]:
+        """The plan's tensors in GGUF order, named and encoded as llama.cpp writes them."""
+        by_name = {t.name: t for t in planned}
+        missing = set(by_name) - {t.hf_name for t in self.tensors}
+        if missing:
+            raise InputError(f"tensor {sorted(missing)[0]!r}: an adapter adds it, and it has no place in the GGUF "
+                             "layout of the base")
+        for t in self.tensors:
+            if by_name[t.hf_name].shape != t.shape:
+                raise InputError(f"tensor {t.hf_name!r}: the adapter changes its shape {list(t.shape)} to "
+                                 f"{list(by_name[t.hf_name].shape)} (added tokens?); the GGUF layout follows the "
+                                 "base: merge to --format hf and convert that")
+        return [dataclasses.replace(by_name[t.hf_name], name=t.name, encoding=_encoding(t, by_name[t.hf_name].dtype))
+                for t in self.tensors]
+
+
+@contextmanager
+def tokenizer_folder(model: HFModel) -> Iterator[Path]:
+    """A local folder with the base's config and tokenizer files, as gguf-py's vocab readers need one: the
+    base itself, or for a remote base a temporary copy of those small files."""
+    if isinstance(model.path, Path):
+        yield model.path
+        return
+    with tempfile.TemporaryDirectory(prefix="lorastream-tokenizer-") as temp:
+        for source in (model.path / "config.json", *model.companion_files):
+            copy_file(source, Path(temp) / source.name)
+        yield Path(temp)
+
+
+def _encoding(tensor: GGUFTensor, stored: torch.dtype) -> GGUFEncoding | None:
+    """How a tensor is encoded: none where its GGUF type is the dtype the merge writes anyway and its rows
+    stay in place (the engine then copies an unchanged tensor as it is)."""
+    qtype = tensor.qtype or "F32"
+    if GGUF_TORCH_DTYPES.get(qtype) == stored and not tensor.head_rows and not tensor.shift:
+        return None
+    return GGUFEncoding(qtype, stored, tensor.head_rows, tensor.shift)
+
+
+def arrangement(model: HFModel, dtype: str | None, quantize: str | None) -> GGUFArrangement:
+    """The GGUF layout and header of merging into `model`, dense in `dtype` (a --dtype name; default: the
+    converter's auto) or quantized with a `--quantize` preset: q8_0 as `convert_hf_to_gguf.py --outtype q8_0`
+    writes it, the others as `llama-quantize` makes them from the converter's 16-bit file."""
+    gguf = gguf_module()
+    if quantize is not None and quantize not in GGUF_QUANT_PRESETS:
+        raise InputError(f"--quantize {quantize!r} with --format gguf: expected one of {', '.join(GGUF_QUANT_PRESETS)}")
+    if quantize is not None and dtype is not None:
+        raise InputError("--dtype picks the dense GGUF type; with --quantize the types are the preset's")
+    hparams = hparams_of(model.config)
+    family, tensors = layout(model.config, [(name, s.shape) for name, s in model.sources.items()], model.path)
+    dense = GGUF_DENSE_TYPES[dtype] if dtype else default_dense(model)
+    if quantize is None:
+        tensors, file_type = converter_types(tensors, dense, None), {"F32": "ALL_F32", "F16": "MOSTLY_F16",
+                                                                      "BF16": "MOSTLY_BF16"}[dense]
+    elif quantize == "q8_0":
+        tensors, file_type = converter_types(tensors, dense, "Q8_0"), "MOSTLY_Q8_0"
+    else:
+        tensors, file_type = preset_types(tensors, quantize, block_count(hparams)), preset_file_type(quantize)
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(model.path.name)
+    family.parameters(writer, hparams, block_count(hparams), int(gguf.LlamaFileType[file_type]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    with tokenizer_folder(model) as folder:
+        add_vocab(writer, folder, family.vocab, hparams.get("vocab_size"))
+    if quantize not in (None, "q8_0"):  # llama-quantize sets these two last, moving them to the end
+        for key in (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE):
+            writer.remove_key(key)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(int(gguf.LlamaFileType[file_type]))
+    for tensor in tensors:
+        assert tensor.qtype is not None
+        spec = TensorSpec(*GGUFEncoding(tensor.qtype, torch.float32).specs(tensor.name, tensor.shape)[0])
+        writer.add_tensor_info(tensor.name, list(tensor.shape), np.dtype(np.float32), spec.nbytes,
+                               raw_dtype=gguf.GGMLQuantizationType[tensor.qtype])
+    buffer = io.BytesIO()
+    writer.fout = [buffer]
+    writer.state = gguf.gguf_writer.WriterState.EMPTY
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    header = buffer.getvalue()
+    return GGUFArrangement(tuple(tensors), header + bytes(_pad(len(header))))
+
+
+def gguf_options(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The merge options that wrote a GGUF of this `general.file_type` (what `verify` recomputes it with)."""
+    gguf = gguf_module()
+    file_type = gguf.LlamaFileType(int(metadata.get("general.file_type", -1))).name
+    dense = {"ALL_F32": "float32", "MOSTLY_F16": "float16", "MOSTLY_BF16": "bfloat16"}
+    presets = {"MOSTLY_Q8_0": "q8_0", **{ftype: name for name, (ftype, _) in PRESETS.items()}}
+    if file_type in dense:
+        return {"format": "gguf", "dtype": dense[file_type]}
+    if file_type in presets:
+        return {"format": "gguf", "quantize": presets[file_type]}
+    raise InputError(f"GGUF file type {file_type} is not one lorastream writes; it cannot be recomputed")
+
+
+class GGUFSink:
+    """Writes one GGUF file: the precomputed header, then each tensor's bytes as the engine streams them, each
+    tensor padded to the alignment; committed (fsync, rename) only when every byte arrived."""
+
+    def __init__(self, path: Path, header: bytes, specs: list[TensorSpec]):
+        self.path = path
+        self._file = AtomicFile(path)
+        self._sizes = [spec.nbytes for spec in specs]
+        self._expected = len(header) + sum(size + _pad(size) for size in self._sizes)
+        self._index, self._left = 0, self._sizes[0] if self._sizes else 0
+        self.size = 0
+        self.crc32 = 0
+        self._append(header)
+        self._close_empty()
+
+    def _append(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        self.crc32 = zlib.crc32(view, self.crc32)
+        while view:
+            done = self._file.write(view)
+            view = view[done:]
+            self.size += done
+
+    def _close_empty(self) -> None:
+        """Pad every finished tensor (zero-sized ones included) and move to the next."""
+        while self._index < len(self._sizes) and self._left == 0:
+            self._append(bytes(_pad(self._sizes[self._index])))
+            self._index += 1
+            self._left = self._sizes[self._index] if self._index < len(self._sizes) else 0
+
+    def write(self, chunk: memoryview | bytes) -> None:
+        view = memoryview(chunk).cast("B")
+        while view:
+            if self._index >= len(self._sizes):
+                raise AssertionError(f"{self.path}: more tensor data than the header announced")
+            part = view[: self._left]
+            self._append(part)
+            self._left -= len(part)
+            view = view[len(part):]
+            self._close_empty()
+
+    def copy_from(self, fd: int, offset: int, count: int) -> bool:
+        return False  # unchanged tensors come through `write`, which pads them
+
+    def commit(self) -> None:
+        if self.size != self._expected:
+            raise AssertionError(f"{self.path}: wrote {self.size} bytes, expected {self._expected}")
+        self._file.finish()
+
+    def abort(self) -> None:
+        self._file.discard()
+
+
+class GGUFFile:
+    """`--format gguf`: the plan's single shard is the GGUF file; its header comes with the writer."""
+
+    name = "gguf"
+    last: tuple[str, ...] = ()
+    single_file = True
+    suffix = ".gguf"
+
+    def __init__(self, header: bytes = b""):
+        self.header = header
+
+    def open_shard(self, folder: Location, shard: Shard, record: dict[str, Any]) -> ShardSink:
+        if not self.header:
+            raise InputError("--format gguf: the output needs its header, planned with the GGUF arrangement")
+        return GGUFSink(folder / shard.filename, self.header, shard.specs)  # type: ignore[arg-type]
+
+    def finish(self, plan: Plan, folder: Location, record: dict[str, Any]) -> None:
+        """Nothing beside the file: the GGUF is complete in itself (tokenizer and provenance inside)."""
