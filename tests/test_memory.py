@@ -83,6 +83,15 @@ def test_quantized_output_and_qlora_round_trip_stay_within_budget(wide_case: Cas
     assert ours["lm_head.weight"].dtype == torch.bfloat16
 
 
+def test_quantizing_keeps_transformers_out_of_the_merge_process(wide_case: Case, tmp_path: Path) -> None:
+    """Which tensors bitsandbytes quantizes comes from transformers' model class, read in a child process: its
+    modules (about 130 MiB) would otherwise count in the merge's baseline for the whole job."""
+    planned = [json.loads(run_cli("plan", wide_case.base, wide_case.adapter, "-o", tmp_path / "out", "--max-memory",
+                                  "4GiB", "--json", *options).stdout)["baseline_rss"]
+               for options in ((), ("--quantize", "nf4"), ("--trained-on", "nf4"))]
+    assert max(planned) - min(planned) < 48 << 20, [p >> 20 for p in planned]
+
+
 def test_each_adapter_output_stays_within_budget(wide_case: Case, tmp_path: Path) -> None:
     """`--each`: three outputs, their adapter tensors and output blocks all within one budget."""
     budget = budget_for(wide_case, tmp_path)

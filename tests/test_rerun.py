@@ -13,7 +13,7 @@ from lorastream.cli import main
 
 
 def merge(base: Path, adapter: Path, out: Path, *options: str) -> Result:
-    return CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(out), "--max-memory", "1GiB", "-q",
+    return CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(out), "--max-memory", "4GiB", "-q",
                                      *options])
 
 
@@ -26,7 +26,7 @@ def test_the_same_merge_again_is_up_to_date(demo_inputs: tuple[Path, Path], tmp_
     out = tmp_path / "out"
     assert merge(base, adapter, out).exit_code == 0
     written = stamps(out)
-    again = merge(base, adapter, out, "--max-memory", "900MiB")  # the budget does not shape the output
+    again = merge(base, adapter, out, "--max-memory", "3GiB")  # the budget does not shape the output
     assert again.exit_code == 0, again.output
     assert f"{out}: already up to date" in again.stderr and "wrote" not in again.stderr
     assert stamps(out) == written

@@ -136,7 +136,8 @@ def plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] |
                      for k, out_dir in enumerate(out_dirs))
     compute = chosen or config_dtype(model.config, torch.bfloat16)
     # before the baseline is measured: it may import transformers
-    layout = _on_disk(model, jobs, options.quantize is not None or options.trained_on is not None)
+    bitsandbytes = (options.quantize is not None and options.format != "gguf") or options.trained_on is not None
+    layout = _on_disk(model, jobs, bitsandbytes)
     adapters = [_adapters(paths, weights, layout) for paths, weights in jobs]
     # GGUF: the merged values are rounded to the base's dtype (as PEFT's merged folder), then to the GGUF types
     output = gguf if options.format == "gguf" else {
