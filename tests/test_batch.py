@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from conftest import IN_PROCESS_BUDGET
 
 import lorastream
 from lorastream.cli import main
@@ -41,8 +42,8 @@ def test_a_failed_job_is_summarized_and_the_others_match_single_merges(demo_inpu
     assert f"failed: {tmp_path / 'missing-adapter'}:" in lines[3]
     assert lines[-1] == "2 of 3 jobs succeeded"
     single = tmp_path / "single"
-    lorastream.merge(base, adapter, single / "one", max_memory="1GiB", max_shard_size="8MB")
-    lorastream.merge(base, [adapter, adapter], single / "three", max_memory="1GiB", weights=[0.5, 0.25],
+    lorastream.merge(base, adapter, single / "one", max_memory=IN_PROCESS_BUDGET, max_shard_size="8MB")
+    lorastream.merge(base, [adapter, adapter], single / "three", max_memory=IN_PROCESS_BUDGET, weights=[0.5, 0.25],
                      dtype="float16")
     assert folder_files(tmp_path / "one") == folder_files(single / "one")
     assert folder_files(tmp_path / "three") == folder_files(single / "three")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_case, tiny_gpt2, tiny_llama
+from conftest import IN_PROCESS_BUDGET, build_case, tiny_gpt2, tiny_llama
 
 from lorastream import api
 from lorastream.codecs.plain import TensorRef
@@ -43,11 +43,12 @@ def three(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 
 def _merge_alone_and_each(three: tuple[Path, list[Path]], tmp_path: Path, **options: Any) -> list[tuple[Path, Path]]:
     base, adapters = three
-    results = api.merge_each(base, adapters, tmp_path / "each", max_memory="4GiB", **options)
+    results = api.merge_each(base, adapters, tmp_path / "each", max_memory=IN_PROCESS_BUDGET, **options)
     assert [r.out_dir for r in results] == [tmp_path / "each" / a.name for a in adapters]
     pairs = []
     for adapter in adapters:
-        alone = api.merge(base, adapter, tmp_path / "alone" / adapter.name, max_memory="4GiB", **options).out_dir
+        alone = api.merge(base, adapter, tmp_path / "alone" / adapter.name, max_memory=IN_PROCESS_BUDGET,
+                          **options).out_dir
         pairs.append((alone, tmp_path / "each" / adapter.name))
     return pairs
 
@@ -75,7 +76,7 @@ def test_base_rows_are_read_once_for_all_outputs(three: tuple[Path, list[Path]],
         return read(self, first, count, buffer)
 
     monkeypatch.setattr(TensorRef, "read_elements_into", counting)
-    api.merge_each(base, adapters, tmp_path / "out", max_memory="4GiB")
+    api.merge_each(base, adapters, tmp_path / "out", max_memory=IN_PROCESS_BUDGET)
     read_tensors = {name for name, _, _ in reads}
     assert len(reads) > len(read_tensors), "expected a tensor read in several row blocks"
     assert max(reads.values()) == 1, f"base rows read more than once: {[k for k, n in reads.items() if n > 1]}"
@@ -153,8 +154,8 @@ def test_each_with_transposed_dora_reads_its_norm_pass_in_schedule(tmp_path: Pat
     plain = build_case(tmp_path / "build-plain", tiny_gpt2(), torch.float32, target_modules=["c_fc"], r=2,
                        lora_alpha=4)
     adapters = [dora.adapter.rename(tmp_path / "dora"), plain.adapter.rename(tmp_path / "plain")]
-    api.merge_each(dora.base, adapters, tmp_path / "each", max_memory="4GiB")
+    api.merge_each(dora.base, adapters, tmp_path / "each", max_memory=IN_PROCESS_BUDGET)
     for adapter in adapters:
-        alone = api.merge(dora.base, adapter, tmp_path / "alone" / adapter.name, max_memory="4GiB").out_dir
+        alone = api.merge(dora.base, adapter, tmp_path / "alone" / adapter.name, max_memory=IN_PROCESS_BUDGET).out_dir
         names = sorted(p.name for p in alone.iterdir())
         assert filecmp.cmpfiles(alone, tmp_path / "each" / adapter.name, names, shallow=False)[1:] == ([], [])

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import load_output
+from conftest import IN_PROCESS_BUDGET, load_output
 
 import lorastream.formats.torchzip_writer as torchzip_writer
 from lorastream import api
@@ -102,7 +102,7 @@ def assert_changed(ours: dict[str, torch.Tensor], base: Path, names: list[str]) 
 @pytest.mark.parametrize("case", sorted(set(CASES) - {"wide_bf16"}))
 def test_lit_model_pth_equals_litgpt_merge_lora(litgpt_cases: Path, case: str) -> None:
     run = litgpt_cases / case / "run"
-    result = api.merge_litgpt(run, max_memory="1GiB")
+    result = api.merge_litgpt(run, max_memory=IN_PROCESS_BUDGET)
     assert result.files == ["lit_model.pth"] and not any(p.name.startswith(".") for p in run.iterdir())
     reference = torch.load(litgpt_cases / case / "reference" / "lit_model.pth", weights_only=True)
     ours = torch.load(run / "lit_model.pth", weights_only=True, mmap=True)
@@ -171,7 +171,7 @@ def test_cli_merge_detects_a_litgpt_run(litgpt_cases: Path, tmp_path: Path) -> N
     first = runner.invoke(main, ["merge", str(run), "-o", str(tmp_path / "out"), "--dtype", "bfloat16", "-q"])
     assert first.exit_code == 0, first.output
     assert (tmp_path / "out" / "lit_model.pth").is_file()
-    again = runner.invoke(main, ["merge", "--max-memory", "1GiB", str(run), "-o", str(tmp_path / "out")])
+    again = runner.invoke(main, ["merge", "--max-memory", IN_PROCESS_BUDGET, str(run), "-o", str(tmp_path / "out")])
     assert again.exit_code == 2 and "not empty" in again.output
     ours = read_state_dict(tmp_path / "out" / "lit_model.pth")
     assert {ref.dtype for ref in ours.values()} == {torch.bfloat16}

@@ -11,7 +11,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import Case, build_case, load_output, tiny_llama
+from conftest import IN_PROCESS_BUDGET, Case, build_case, load_output, tiny_llama
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lorastream
@@ -159,7 +159,7 @@ def test_plan_and_inspect_know_quantized_tensors(case: Case, tmp_path: Path) -> 
     assert info["quantization"]["quant_method"] == "bitsandbytes"
     assert info["quantized_weights"] == len(QUANTIZED_LINEARS)
     assert 3 * info["quantized_bytes_on_disk"] < info["quantized_bytes_dequantized"]
-    job = lorastream.plan(tmp_path / "q", case.adapter, tmp_path / "out", max_memory="1GiB")
+    job = lorastream.plan(tmp_path / "q", case.adapter, tmp_path / "out", max_memory=IN_PROCESS_BUDGET)
     q_proj = next(t for t in job.tensors if t.name == "model.layers.0.self_attn.q_proj.weight")
     assert isinstance(q_proj.source, Bnb4Source)
     assert q_proj.source.stored_bytes < q_proj.nbytes // 3  # packed on disk, dense in the output

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import ray
 from click.testing import CliRunner
+from conftest import IN_PROCESS_BUDGET
 from test_remote import contents, local_files, remote_files
 
 import lorastream
@@ -34,7 +35,7 @@ from lorastream.io.staging import MANIFEST
 SHARD = "4MB"  # 10 shards, so 10 tasks
 BUCKET = "lorastream-ray-test"
 # Above the pytest process itself (ray, the S3 server and the reference libraries held: about 1 GiB in CI).
-BUDGET = "2GiB"
+BUDGET = IN_PROCESS_BUDGET
 
 HOOK = '''
 import os, time

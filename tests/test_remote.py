@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_case, tiny_llama
+from conftest import IN_PROCESS_BUDGET, build_case, tiny_llama
 
 import lorastream
 from lorastream.cli import main
@@ -167,8 +167,8 @@ def test_cli_inspect_and_plan_remote(case: dict[str, Any]) -> None:
     assert planned.exit_code == 0, planned.output
     assert "remote I/O buffers" in planned.stdout and "object store" in planned.stdout
     remote = lorastream.plan(case["remote_base"], case["remote_adapter"], f"s3://{BUCKET}/plan/out",
-                             max_memory="1GiB")
-    local = lorastream.plan(case["base"], case["adapter"], "unused-out", max_memory="1GiB")
+                             max_memory=IN_PROCESS_BUDGET)
+    local = lorastream.plan(case["base"], case["adapter"], "unused-out", max_memory=IN_PROCESS_BUDGET)
     assert remote.memory.io_buffers == storage.io_buffer_bytes([remote.base.path], remote.out_dir, 5 * 10**9,
                                                                4 << 20) > 0
     assert local.memory.io_buffers == 0
