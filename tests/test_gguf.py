@@ -77,7 +77,7 @@ def _family(root: Path, name: str) -> Family:
 def build_family(root: str, name: str) -> None:
     """A tiny model of family `name` with a real tokenizer, a PEFT adapter for it, and PEFT's merged folder."""
     model, tokenizer = _model(name)
-    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if name == "phi3" else LORA["target_modules"]
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if name.startswith("phi3") else LORA["target_modules"]
     case = build_case(Path(root), model, torch.bfloat16, **{**LORA, "target_modules": targets})
     for filename, data in tokenizer.items():
         (case.base / filename).write_bytes(data)
@@ -230,7 +230,14 @@ def _model(name: str) -> tuple[torch.nn.Module, dict[str, bytes]]:
         config = (transformers.Qwen2Config if name == "qwen2" else transformers.Qwen3Config)(**qwen)
         model = (transformers.Qwen2ForCausalLM if name == "qwen2" else transformers.Qwen3ForCausalLM)(config)
         return model, {p.name: p.read_bytes() for p in QWEN2_TOKENIZER.iterdir()}
+    llama3_rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    long_rope = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0 + i / 8 for i in range(32)],
+                 "short_factor": [1.0 + i / 64 for i in range(32)]}
     model = {"llama": lambda: tiny_llama(**small),
+             "llama31": lambda: tiny_llama(**small, rope_parameters=llama3_rope),
+             "phi3_long": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+                 pad_token_id=0, original_max_position_embeddings=64, rope_parameters=long_rope, **small)),
              "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**small)),
              "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(head_dim=64, **small)),
              "gemma3": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(head_dim=64, **small)),
@@ -241,10 +248,11 @@ def _model(name: str) -> tuple[torch.nn.Module, dict[str, bytes]]:
 
 @pytest.mark.parametrize(("name", "qtypes"), [("mistral", ["bf16", "q4_k_m"]), ("qwen3", ["bf16"]),
                                               ("gemma2", ["bf16", "q4_k_m"]), ("gemma3", ["bf16", "q6_k"]),
-                                              ("phi3", ["bf16", "q4_k_m"])])
+                                              ("phi3", ["bf16", "q4_k_m"]), ("phi3_long", ["bf16", "q8_0", "q4_k_m"])])
 def test_other_families_equal_llama_cpp(name: str, qtypes: list[str], tmp_path_factory: pytest.TempPathFactory) -> None:
     """Mistral (Llama's layout), Qwen3 (q/k norms), Gemma 2/3 (norms stored as 1 + w, no lm_head), Phi-3 (fused
-    qkv and gate_up, its own vocabulary rules)."""
+    qkv and gate_up, its own vocabulary rules), Phi-3 with long-context rope (two factor tensors the converter
+    computes from config.json, and an attention factor key)."""
     family = _family(tmp_path_factory.mktemp(f"gguf-{name}"), name)
     for qtype in qtypes:
         out = family.work / f"ours-{qtype}.gguf"
@@ -379,6 +387,27 @@ def test_verify_recomputes_a_gguf_and_finds_a_changed_byte(llama: Family, tmp_pa
     changed.write_bytes(bytes(data))
     report = lorastream.verify(llama.base, llama.adapter, changed)
     assert not report.ok and [c.name for c in report.checks if not c.ok] == ["output_norm.weight"]
+
+
+def test_llama31_rope_frequencies_are_written_and_verified(tmp_path_factory: pytest.TempPathFactory,
+                                                          tmp_path: Path) -> None:
+    """Llama 3.1's rope scaling (rope_type llama3): the converter computes a `rope_freqs` tensor from config.json
+    (the first in its file; among the others by name in llama-quantize's); ours is the same, in the same place,
+    and `verify` checks it (one byte changed there fails)."""
+    family = _family(tmp_path_factory.mktemp("gguf-llama31"), "llama31")
+    for qtype in ("bf16", "q4_k_m"):
+        out = tmp_path / f"{qtype}.gguf"
+        merge(family, out, **({} if qtype == "bf16" else {"quantize": qtype}))
+        assert_same_gguf(out, family.reference(qtype))
+    assert gguf.GGUFReader(family.reference("bf16")).tensors[0].name == "rope_freqs.weight"
+    reference = family.reference("q4_k_m")
+    [rope] = [t for t in gguf.GGUFReader(reference).tensors if t.name == "rope_freqs.weight"]
+    assert lorastream.verify(family.base, family.adapter, reference).ok
+    data = bytearray(reference.read_bytes())
+    data[rope.data_offset + 4] ^= 0x10
+    (tmp_path / "changed.gguf").write_bytes(bytes(data))
+    report = lorastream.verify(family.base, family.adapter, tmp_path / "changed.gguf")
+    assert [c.name for c in report.checks if not c.ok] == ["rope_freqs.weight"]
 
 
 def test_inspect_describes_a_gguf(llama: Family) -> None:

@@ -26,9 +26,10 @@ from .inspection import inspect as inspect
 from .io.locations import location
 from .options import MergeOptions
 from .outputs.gguf import gguf_options
+from .outputs.gguf_layout import generated_tensors
 from .pipeline import MergeResult as MergeResult
 from .planner import Plan
-from .verification import VerifyReport, compare, recorded_options, safetensors_tensors
+from .verification import VerifyReport, compare, compare_generated, recorded_options, safetensors_tensors
 
 PathLike = str | os.PathLike[str]
 # The options `verify` takes from a merged folder's lorastream.json when not given.
@@ -111,7 +112,9 @@ def verify(base: PathLike | None, adapters: PathLike | Sequence[PathLike], merge
         chosen = MergeOptions.of(MergeOptions(**gguf_options(header.metadata)),
                                  {**(options.given() if options else {}), **fields, "device": "cpu"})
         job = hf_input.plan(base, adapters, merged_dir, chosen)
-        return compare(job, gguf_tensor_refs(header), True if exact is None else exact, progress)
+        stored = gguf_tensor_refs(header)
+        report = compare(job, stored, True if exact is None else exact, progress)
+        return compare_generated(report, stored, generated_tensors(job.base.config, job.base.path))
     recorded = recorded_options(merged_dir, (*RECORDED, "device"))  # type: ignore[arg-type]
     chosen = MergeOptions.of(MergeOptions(**{k: v for k, v in recorded.items() if k != "device"}),
                              {**(options.given() if options else {}), **fields})

@@ -214,8 +214,9 @@ class Plan:
     quantize: Encoding | None = None
     vocab_size: int | None = None  # the adapter resized the vocabulary (added tokens)
     untie: bool = False  # a tied head is written apart from the embedding
-    # a single-file format's bytes before the tensor data, computed while planning (the GGUF header)
-    preamble: bytes = b""
+    # a single-file format's bytes known while planning, each before the data of the tensor at its index (at
+    # len(tensors): after the last): the GGUF header, and the tensors llama.cpp computes from config.json
+    fixed_bytes: tuple[tuple[int, bytes], ...] = ()
 
     @property
     def changed(self) -> dict[str, int]:
@@ -589,13 +590,13 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
                io_buffers: int = 0, gpu_budget: int = 0, gpu_libraries: int = 0,
                on_disk: TensorLayout | None = None,
                arrange: Callable[[list[OutputTensor]], list[OutputTensor]] | None = None, single_file: str = "",
-               preamble: bytes = b"") -> list[Plan]:
+               fixed_bytes: tuple[tuple[int, bytes], ...] = ()) -> list[Plan]:
     """Plan each of `jobs` (adapters with weights) merged into `base` on its own, all produced in one pass over
     the base (`merge --each`): a base tensor is one source for every plan, so the engine reads each row block
     once, and the plans share one memory plan that holds every output's buffers and adapter tensors.
 
     A single-file format (GGUF) passes `arrange`, which orders, names and encodes the tensors its way, the
-    `single_file` name of its one shard, and the `preamble` written before the tensor data."""
+    `single_file` name of its one shard, and the `fixed_bytes` it writes between the tensors' data."""
     if quantize is not None and base.model_type in CONV1D_MODEL_TYPES:
         raise InputError(f"{base.path}: {base.model_type} stores linear layers as Conv1D; writing them "
                          "quantized is not supported")
@@ -619,9 +620,10 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
                              "out unlike the others'; merge it on its own")
         planned.append((frozen, targets, tensors, shards, vocab, untie))
     memory = _memory_plan([p[2] for p in planned], budget, baseline, io_buffers, gpu_budget, gpu_libraries)
+    header = max(HEADER_ALLOWANCE, sum(len(b) for _, b in fixed_bytes))
     return [Plan(base, frozen, out_dir, tuple(tensors), shards, memory,
-                 sum(s.nbytes for s in shards) + max(HEADER_ALLOWANCE, len(preamble)) * len(shards), disk_free,
-                 max_shard_size, dtype, targets, quantize, vocab, untie, preamble)
+                 sum(s.nbytes for s in shards) + header * len(shards), disk_free,
+                 max_shard_size, dtype, targets, quantize, vocab, untie, fixed_bytes)
             for (frozen, targets, tensors, shards, vocab, untie), out_dir in zip(planned, out_dirs, strict=True)]
 
 

@@ -6,11 +6,13 @@ verification runs in the same memory budget and needs no second copy of the mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .codecs.plain import TensorRef
@@ -163,6 +165,24 @@ def compare(job: Plan, stored: dict[str, TensorRef], exact: bool, progress: Prog
     write_shards(job, lambda shard: Comparator(shard.specs, stored, checks, exact), progress or (lambda _n: None),
                  allow_nonfinite=True)
     return VerifyReport(list(checks.values()), sorted(set(stored) - set(checks)), peak_rss(), job.memory.budget)
+
+
+def compare_generated(report: VerifyReport, stored: dict[str, TensorRef],
+                      generated: list[tuple[str, np.ndarray]]) -> VerifyReport:
+    """`report` with the tensors a GGUF holds that no merge computes (the rope factors the converter derives
+    from config.json) compared byte for byte with their values from the base's config."""
+    checks = []
+    for name, values in generated:
+        check = TensorCheck(name, "float32", True, elements=values.size)
+        ref = stored.get(name)
+        if ref is None or ref.dtype != torch.float32 or ref.shape != values.shape:
+            check.problem = f"expected float32 {list(values.shape)}, as the base's config.json gives it"
+        else:
+            got = ref.read_elements_into(0, ref.numel, memoryview(bytearray(ref.nbytes)))
+            check.differing = check.mismatched = int((got != torch.from_numpy(values)).sum())
+        checks.append(check)
+    return dataclasses.replace(report, checks=checks + report.checks,
+                               unexpected=[n for n in report.unexpected if n not in dict(generated)])
 
 
 def safetensors_tensors(folder: Path) -> dict[str, TensorRef]:

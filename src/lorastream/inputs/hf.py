@@ -128,7 +128,8 @@ def plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] |
             if not out_dir.name.endswith(GGUFFile.suffix):
                 raise InputError(f"{out_dir}: --format gguf writes one file; name it OUT.gguf")
         arranged = arrangement(model, options.dtype, options.quantize)
-        gguf: dict[str, Any] = {"arrange": arranged.arrange, "single_file": STAGED_NAME, "preamble": arranged.header}
+        gguf: dict[str, Any] = {"arrange": arranged.arrange, "single_file": STAGED_NAME,
+                                "fixed_bytes": arranged.fixed_bytes}
     chosen = FLOAT_DTYPES.get(options.dtype or "")
     shard_bytes = parse_size(options.max_shard_size)
     remote_inputs = [model.path, *(location(a) for paths, _ in jobs for a in paths)]
@@ -202,6 +203,6 @@ def outputs(plans: list[Plan], options: MergeOptions, gpu: Accelerator | None) -
         raise InputError("--format litgpt writes lit_model.pth from a LitGPT run; a Hugging Face base is merged "
                          "into --format hf")
     if options.format == "gguf":
-        return [Output(job, GGUFFile(job.preamble), *identity(job, options, gpu), job.out_dir) for job in plans]
+        return [Output(job, GGUFFile(job.fixed_bytes), *identity(job, options, gpu), job.out_dir) for job in plans]
     chosen = writer(options.format or "hf")
     return [Output(job, chosen, *identity(job, options, gpu), job.out_dir) for job in plans]

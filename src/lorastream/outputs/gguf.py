@@ -57,11 +57,12 @@ def default_dense(model: HFModel) -> str:
 
 @dataclass(frozen=True)
 class GGUFArrangement:
-    """What a GGUF of a base model holds, known before any tensor data: the tensors (GGUF name, type, row
-    order) in file order, and the bytes that precede their data."""
+    """What a GGUF of a base model holds, known before any tensor data: the merged tensors (GGUF name, type,
+    row order) in file order, and the bytes known already, each before the merged tensor at its index: the
+    header, and the data of the tensors the converter computes from config.json (rope factors)."""
 
     tensors: tuple[GGUFTensor, ...]
-    header: bytes
+    fixed_bytes: tuple[tuple[int, bytes], ...]
 
     def arrange(self, planned: list[OutputTensor]) -> list[OutputTensor]:
         """The plan's tensors in GGUF order, named and encoded as llama.cpp writes them."""
@@ -112,6 +113,10 @@ def arrangement(model: HFModel, dtype: str | None, quantize: str | None) -> GGUF
         raise InputError("--dtype picks the dense GGUF type; with --quantize the types are the preset's")
     hparams = hparams_of(model.config)
     family, tensors = layout(model.config, [(name, s.shape) for name, s in model.sources.items()], model.path)
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]])
+    generated = dict(family.generate(writer, hparams))  # the converter makes these before any other key
+    # first in the converter's file; llama-quantize's loader order puts them among the others by name
+    tensors = [*(GGUFTensor("", name, values.shape, "F32") for name, values in generated.items()), *tensors]
     dense = GGUF_DENSE_TYPES[dtype] if dtype else default_dense(model)
     if quantize is None:
         tensors, file_type = converter_types(tensors, dense, None), {"F32": "ALL_F32", "F16": "MOSTLY_F16",
@@ -120,7 +125,6 @@ def arrangement(model: HFModel, dtype: str | None, quantize: str | None) -> GGUF
         tensors, file_type = converter_types(tensors, dense, "Q8_0"), "MOSTLY_Q8_0"
     else:
         tensors, file_type = preset_types(tensors, quantize, block_count(hparams)), preset_file_type(quantize)
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(model.path.name)
     family.parameters(writer, hparams, block_count(hparams), int(gguf.LlamaFileType[file_type]))
@@ -144,7 +148,14 @@ def arrangement(model: HFModel, dtype: str | None, quantize: str | None) -> GGUF
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     header = buffer.getvalue()
-    return GGUFArrangement(tuple(tensors), header + bytes(_pad(len(header))))
+    fixed, merged = {0: header + bytes(_pad(len(header)))}, []
+    for tensor in tensors:  # the generated ones are small (one value per rotary pair): they travel with the plan
+        if tensor.hf_name:
+            merged.append(tensor)
+            continue
+        values = generated[tensor.name].tobytes()
+        fixed[len(merged)] = fixed.get(len(merged), b"") + values + bytes(_pad(len(values)))
+    return GGUFArrangement(tuple(merged), tuple(sorted(fixed.items())))
 
 
 def gguf_options(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -161,18 +172,20 @@ def gguf_options(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 class GGUFSink:
-    """Writes one GGUF file: the precomputed header, then each tensor's bytes as the engine streams them, each
-    tensor padded to the alignment; committed (fsync, rename) only when every byte arrived."""
+    """Writes one GGUF file: each tensor's bytes as the engine streams them, padded to the alignment, with the
+    bytes known at plan time (`fixed_bytes`: the header first) before the tensor at their index; committed
+    (fsync, rename) only when every byte arrived."""
 
-    def __init__(self, path: Path, header: bytes, specs: list[TensorSpec]):
+    def __init__(self, path: Path, fixed_bytes: tuple[tuple[int, bytes], ...], specs: list[TensorSpec]):
         self.path = path
         self._file = AtomicFile(path)
+        self._fixed = dict(fixed_bytes)
         self._sizes = [spec.nbytes for spec in specs]
-        self._expected = len(header) + sum(size + _pad(size) for size in self._sizes)
+        self._expected = sum(map(len, self._fixed.values())) + sum(size + _pad(size) for size in self._sizes)
         self._index, self._left = 0, self._sizes[0] if self._sizes else 0
         self.size = 0
         self.crc32 = 0
-        self._append(header)
+        self._append(self._fixed.get(0, b""))
         self._close_empty()
 
     def _append(self, data: memoryview | bytes) -> None:
@@ -188,6 +201,7 @@ class GGUFSink:
         while self._index < len(self._sizes) and self._left == 0:
             self._append(bytes(_pad(self._sizes[self._index])))
             self._index += 1
+            self._append(self._fixed.get(self._index, b""))
             self._left = self._sizes[self._index] if self._index < len(self._sizes) else 0
 
     def write(self, chunk: memoryview | bytes) -> None:
@@ -221,13 +235,13 @@ class GGUFFile:
     single_file = True
     suffix = ".gguf"
 
-    def __init__(self, header: bytes = b""):
-        self.header = header
+    def __init__(self, fixed_bytes: tuple[tuple[int, bytes], ...] = ()):
+        self.fixed_bytes = fixed_bytes
 
     def open_shard(self, folder: Location, shard: Shard, record: dict[str, Any]) -> ShardSink:
-        if not self.header:
+        if not self.fixed_bytes:
             raise InputError("--format gguf: the output needs its header, planned with the GGUF arrangement")
-        return GGUFSink(folder / shard.filename, self.header, shard.specs)  # type: ignore[arg-type]
+        return GGUFSink(folder / shard.filename, self.fixed_bytes, shard.specs)  # type: ignore[arg-type]
 
     def finish(self, plan: Plan, folder: Location, record: dict[str, Any]) -> None:
         """Nothing beside the file: the GGUF is complete in itself (tokenizer and provenance inside)."""

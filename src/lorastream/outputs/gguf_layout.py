@@ -9,9 +9,13 @@ not a library: gguf-py provides the names, constants and writer, not the per-fam
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import torch
 
 from ..codecs.gguf_quants import fits_blocks, gguf_module
 from ..errors import InputError
@@ -80,9 +84,6 @@ def text_parameters(writer: Any, hparams: dict[str, Any], block_count: int, file
                 add(value)
     elif rope_type in ("su", "longrope"):
         writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
-    elif rope_type is not None and rope_type.lower() == "llama3":
-        raise InputError("rope_type llama3: llama.cpp stores its rope frequency factors as an extra tensor, which "
-                         "lorastream does not generate yet; merge to --format hf and convert")
     if (theta := params.get("rope_theta")) is not None:
         writer.add_rope_freq_base(theta)
     if (local := rope.get("sliding_attention", {}).get("rope_theta")) is not None:
@@ -137,9 +138,6 @@ def _gemma3_parameters(writer: Any, hparams: dict[str, Any], block_count: int, f
 
 def _phi3_parameters(writer: Any, hparams: dict[str, Any], block_count: int, file_type: int) -> None:
     rope = rope_parameters(hparams)
-    if rope.get("long_factor"):
-        raise InputError("Phi-3 with long-context rope factors: llama.cpp stores them as extra tensors, which "
-                         "lorastream does not generate yet; merge to --format hf and convert")
     n_embd, n_head = _find(hparams, "hidden_size", "n_embd"), _find(hparams, "num_attention_heads", "n_head")
     writer.add_context_length(_find(hparams, "n_positions", "max_position_embeddings"))
     writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
@@ -155,6 +153,65 @@ def _phi3_parameters(writer: Any, hparams: dict[str, Any], block_count: int, fil
     writer.add_sliding_window(hparams.get("sliding_window") or 0)
 
 
+Generated = list[tuple[str, np.ndarray]]
+
+
+def _llama3_rope_freqs(writer: Any | None, hparams: dict[str, Any]) -> Generated:
+    """`LlamaModel.generate_extra_tensors`: Llama 3.1's rope frequency factors (rope_type llama3), one per
+    rotary dimension pair, which llama.cpp reads from a tensor rather than the metadata."""
+    rope = rope_parameters(hparams)
+    params = rope.get("full_attention", rope)
+    if str(params.get("rope_type", "")).lower() != "llama3":
+        return []
+    dim = hparams.get("head_dim") or hparams["hidden_size"] // hparams["num_attention_heads"]
+    # float32 torch arithmetic throughout, as the converter's (each factor is a 0-d float32 tensor there)
+    freqs = 1.0 / (params.get("rope_theta", 10000.0) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = params.get("factor", 8.0)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    context = params.get("original_max_position_embeddings", 8192)
+    factors: list[Any] = []
+    for freq in freqs:
+        wavelength = 2 * math.pi / freq
+        if wavelength < context / high:
+            factors.append(1)
+        elif wavelength > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return [("rope_freqs.weight", torch.tensor(factors, dtype=torch.float32).numpy())]
+
+
+def _phi3_rope_factors(writer: Any | None, hparams: dict[str, Any]) -> Generated:
+    """`Phi3MiniModel.generate_extra_tensors`: a long-context Phi-3's rope factors as two tensors, and its
+    attention factor (a key the converter sets first, while it makes them; set on `writer` when given)."""
+    rope = rope_parameters(hparams)
+    long_factors, short_factors = rope.get("long_factor"), rope.get("short_factor")
+    if not long_factors:
+        return []
+    n_embd, n_head = _find(hparams, "hidden_size", "n_embd"), _find(hparams, "num_attention_heads", "n_head")
+    rope_dims = int(rope.get("partial_rotary_factor", 1.0) * n_embd) // n_head
+    if short_factors is None or not len(long_factors) == len(short_factors) == rope_dims // 2:
+        raise InputError(f"config.json: rope_scaling long_factor and short_factor need {rope_dims // 2} values each")
+    context = rope["original_max_position_embeddings"]
+    scale = _find(hparams, "n_positions", "max_position_embeddings") / context
+    kind = str(rope.get("rope_type", "")).lower()
+    if kind in ("su", "longrope"):
+        attn_factor = math.sqrt(1 + math.log(scale) / math.log(context)) if scale > 1.0 else 1.0
+    elif kind == "yarn":
+        attn_factor = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+    else:
+        raise InputError(f"config.json: Phi-3 rope scaling type {kind!r} is not one llama.cpp converts")
+    if writer is not None:
+        writer.add_rope_scaling_attn_factors(attn_factor)
+    return [("rope_factors_long.weight", np.array(long_factors, dtype=np.float32)),
+            ("rope_factors_short.weight", np.array(short_factors, dtype=np.float32))]
+
+
+def _no_tensors(writer: Any | None, hparams: dict[str, Any]) -> Generated:
+    return []
+
+
 Parameters = Callable[[Any, dict[str, Any], int, int], None]
 
 
@@ -165,7 +222,8 @@ class Family:
     `arch` names gguf-py's MODEL_ARCH; `permute_qk` undoes Hugging Face's rotary row order in q/k (Llama);
     `norm_shift` is added to norm weights (Gemma stores `w - 1`); `vocab` is how the tokenizer is read:
     "llama" (SentencePiece, else a Llama tokenizer.json, else BPE), "sentencepiece_or_bpe", or "gemma"
-    (SentencePiece with add_space_prefix false, else BPE); `skip` names HF tensors the converter drops.
+    (SentencePiece with add_space_prefix false, else BPE); `skip` names HF tensors the converter drops;
+    `generate` makes the tensors the converter computes from config.json (first in its file).
     """
 
     arch: str
@@ -174,16 +232,17 @@ class Family:
     permute_qk: bool = False
     norm_shift: float = 0.0
     skip: tuple[str, ...] = ()
+    generate: Callable[[Any | None, dict[str, Any]], Generated] = _no_tensors
 
 
 FAMILIES: dict[str, Family] = {
-    "LlamaForCausalLM": Family("LLAMA", _llama_parameters, "llama", permute_qk=True),
-    "MistralForCausalLM": Family("LLAMA", _llama_parameters, "llama", permute_qk=True),
+    "LlamaForCausalLM": Family("LLAMA", _llama_parameters, "llama", permute_qk=True, generate=_llama3_rope_freqs),
+    "MistralForCausalLM": Family("LLAMA", _llama_parameters, "llama", permute_qk=True, generate=_llama3_rope_freqs),
     "Qwen2ForCausalLM": Family("QWEN2", text_parameters, "sentencepiece_or_bpe"),
     "Qwen3ForCausalLM": Family("QWEN3", text_parameters, "sentencepiece_or_bpe"),
     "Gemma2ForCausalLM": Family("GEMMA2", _gemma2_parameters, "gemma2", norm_shift=1.0, skip=("lm_head.weight",)),
     "Gemma3ForCausalLM": Family("GEMMA3", _gemma3_parameters, "gemma", norm_shift=1.0),
-    "Phi3ForCausalLM": Family("PHI3", _phi3_parameters, "phi3"),
+    "Phi3ForCausalLM": Family("PHI3", _phi3_parameters, "phi3", generate=_phi3_rope_factors),
 }
 
 
@@ -195,6 +254,11 @@ def family(config: dict[str, Any], where: object) -> tuple[str, Family]:
         raise InputError(f"{where}: architecture {name} cannot be written as GGUF by lorastream (supported: "
                          f"{', '.join(sorted(FAMILIES))}); merge to --format hf and convert with llama.cpp")
     return name, FAMILIES[name]
+
+
+def generated_tensors(config: dict[str, Any], where: object) -> Generated:
+    """The tensors the converter computes from `config` rather than reads (rope factors), in its order."""
+    return family(config, where)[1].generate(None, hparams_of(config))
 
 
 def hparams_of(config: dict[str, Any]) -> dict[str, Any]:
