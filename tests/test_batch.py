@@ -25,7 +25,7 @@ def run_batch(folder: Path, document: object, *options: str) -> Result:
 
 def three_jobs(base: Path, adapter: Path) -> dict[str, object]:
     """The second job names an adapter that does not exist; paths are relative to the YAML file's folder."""
-    return {"defaults": {"max_memory": "1GiB"},
+    return {"defaults": {"max_memory": IN_PROCESS_BUDGET},
             "jobs": [{"base": str(base), "adapter": str(adapter), "out": "one", "max_shard_size": "8MB"},
                      {"base": str(base), "adapters": ["missing-adapter"], "out": "two"},
                      {"base": str(base), "adapters": [str(adapter), str(adapter)], "weights": [0.5, 0.25],
