@@ -494,3 +494,24 @@ def test_quantized_moe_output_keeps_fused_experts_dense(merged_family: Callable[
     loaded = merged.case.model_class.from_pretrained(tmp_path / "out")
     assert torch.equal(loaded.model.layers[0].mlp.experts.down_proj[1],
                        dense["model.layers.0.block_sparse_moe.experts.1.w2.weight"])
+
+
+@pytest.mark.parametrize("name", ["Mixtral", "Qwen2-VL"])
+def test_checkpoint_layouts_are_cached_as_worked_out(name: str, merged_family: Callable[[str], Merged],
+                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' layout of a base (fused experts; towers renamed on load) is kept in the cache: read back
+    equal, used without transformers' rules, and worked out again when the file is unreadable."""
+    from lorastream.formats.hf import open_hf_model
+    from lorastream.inputs import targets
+    from lorastream.io.locations import location
+
+    monkeypatch.setenv("LORASTREAM_CACHE", str(tmp_path))
+    base = open_hf_model(location(merged_family(name).case.base))
+    worked_out = targets.checkpoint_layout(base)
+    [cached] = (tmp_path / "layouts").iterdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(targets, "_checkpoint_layout", lambda _: pytest.fail("the layout was not read from the cache"))
+        assert targets.checkpoint_layout(base) == worked_out
+    cached.write_text("{")
+    assert targets.checkpoint_layout(base) == worked_out
+    assert json.loads(cached.read_text())["linear"] == sorted(worked_out.linear)

@@ -95,6 +95,51 @@ def test_4bit_quantize_equals_bitsandbytes(path: str, shape: tuple[int, int], dt
         assert torch.equal(absmax, state.absmax)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_4bit_quantize_split_over_threads_equals_bitsandbytes(path: str, threads: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled quantizer splits a block's quantization blocks over the merge's threads: the same bytes, with
+    the partial last block and the padded last byte (an odd count) in the last part."""
+    monkeypatch.setattr(kernels, "_PARALLEL_BLOCKS", 64)
+    values = weight((1031, 129), torch.float32, seed=2)
+    packed, state = bnb.functional.quantize_4bit(values, blocksize=64, quant_type="nf4", compress_statistics=False)
+    out = torch.full((packed.numel() + 8,), 0xAB, dtype=torch.uint8)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        nbytes, absmax = Quantizer4("nf4", 64).quantize(values, out)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(out[:nbytes], packed.view(-1)) and (out[nbytes:] == 0xAB).all()
+    assert torch.equal(absmax, state.absmax)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_q8_0_equals_gguf_py(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled Q8_0 quantizer against gguf-py's (what `convert_hf_to_gguf.py --outtype q8_0` runs): a zero
+    block, exact halves (rounded away from zero), a value just under a half, a tiny block (float16 subnormal
+    scale), and blocks split over threads."""
+    import gguf
+
+    monkeypatch.setattr(kernels, "_PARALLEL_BLOCKS", 4)
+    values = weight((64, 96), torch.float32, seed=3)
+    values[1] = 0.0
+    values[2, :32] = torch.arange(-16, 16) + 0.5
+    values[2, 0] = 127.0  # d = 1: the block's other values, -15.5 ... 15.5, are exact halves once scaled
+    values[2, 32:64] = torch.tensor(0.49999997).repeat(32) * torch.tensor([1.0, -1.0]).repeat(16)
+    values[3] = 1e-6 * torch.randn(96, generator=torch.Generator().manual_seed(4))
+    out = torch.full((64 * 3 * 34 + 8,), 0xAB, dtype=torch.uint8)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        nbytes = kernels.quantize_q8_0(values, out)
+    finally:
+        torch.set_num_threads(previous)
+    expected = gguf.quants.quantize(values.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    assert nbytes == expected.nbytes
+    assert torch.equal(out[:nbytes], torch.from_numpy(expected.reshape(-1))) and (out[nbytes:] == 0xAB).all()
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int8_quantize_equals_bitsandbytes(path: str, shape: tuple[int, int], dtype: torch.dtype) -> None:

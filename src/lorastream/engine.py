@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from .codecs import Source
+from .codecs import Source, buffer_bytes_per_element
 from .codecs.plain import TensorRef
 from .device import CPU, Accelerator
 from .errors import InputError, ResourceError
@@ -486,7 +486,7 @@ def write_outputs(plans: Sequence[Plan], open_sink: Callable[[int, Shard], Shard
     keep_heap_bounded()
     elements = plans[0].memory.block_elements
     decoded = [t for plan in plans for t in plan.tensors if not t.is_copy] or [t for p in plans for t in p.tensors]
-    stored = max(math.ceil(t.source.stored_bytes / max(1, t.source.numel)) for t in decoded)
+    stored = max(buffer_bytes_per_element(t.source) for t in decoded)
     steps = _steps(plans, finished, allow_nonfinite)
     out_bytes = elements * max(max(t.dtype.itemsize for t in decoded), 1)
     work = _Work(elements if any(t.needs_fp32 for t in decoded) else 0, out_bytes, accelerator)

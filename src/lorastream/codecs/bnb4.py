@@ -108,10 +108,15 @@ class Bnb4Source:
         first, count = start * cols, (stop - start) * cols
         if first % self.blocksize:
             raise AssertionError(f"{self.name}: row block {start} is not aligned to {self.blocksize}-value blocks")
-        raw = _read_bytes(self.packed, first // 2, (count + 1) // 2, buffer).to(device)
+        packed_bytes = (count + 1) // 2
+        raw = _read_bytes(self.packed, first // 2, packed_bytes, buffer).to(device)
         absmax = self._absmax(first // self.blocksize, math.ceil(count / self.blocksize)).to(device)
-        return kernels.decode_4bit(raw, self._code, absmax, self.blocksize, count, self.dtype).view(stop - start,
-                                                                                                      cols)
+        room = -(-packed_bytes // 64) * 64  # the decoded values go after the packed bytes, aligned
+        out = None
+        if device == CPU and room + count * self.dtype.itemsize <= len(buffer):
+            out = torch.frombuffer(buffer, dtype=torch.uint8, count=count * self.dtype.itemsize, offset=room)
+        return kernels.decode_4bit(raw, self._code, absmax, self.blocksize, count, self.dtype,
+                                   None if out is None else out.view(self.dtype)).view(stop - start, cols)
 
 
 def _read_bytes(ref: TensorRef, first_byte: int, count: int, buffer: memoryview) -> torch.Tensor:

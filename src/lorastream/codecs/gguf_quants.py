@@ -4,7 +4,8 @@ permuted where llama.cpp wants them (Llama's q/k), and stored in its GGUF type.
 The reference route saves the merged model in its own dtype, then converts: so every value is first rounded
 to `stored` (the merged folder's dtype), then encoded. Dense types are torch casts (round to nearest even, as
 gguf-py's numpy casts); the legacy block types (q8_0, q4_0, q4_1, q5_0, q5_1) are gguf-py's own numpy
-quantizers (what `convert_hf_to_gguf.py --outtype q8_0` runs); the k-quants are ggml's own
+quantizers (what `convert_hf_to_gguf.py --outtype q8_0` runs; for Q8_0 lorastream's compiled kernel computes
+the same bytes, several times faster, when the compiled path runs); the k-quants are ggml's own
 `ggml_quantize_chunk`, called through ctypes (what `llama-quantize` runs), never a port; where ggml's library is
 there it quantizes the legacy types too, to the same bytes, faster. Quantization blocks
 run along a row, so any block of whole rows quantizes as the whole tensor would.
@@ -23,13 +24,13 @@ from pathlib import Path
 
 import torch
 
+from ..cache import cache_root
 from ..dtypes import GGUF_TORCH_DTYPES
 from ..errors import InputError
+from . import kernels
 
 GGUF_EXTRA = "pip install 'lorastream[gguf]'"
 LIBRARY_ENV = "LORASTREAM_GGML_LIB"
-# llama.cpp built by `make llama-cpp` (tools/llama_cpp.sh), where the tests and benchmarks find it.
-CACHE_ENV = "LORASTREAM_CACHE"
 # ggml's k-quant types: quantized by ggml itself; gguf-py only dequantizes them.
 K_QUANTS = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})
 
@@ -69,8 +70,7 @@ def _library_candidates() -> list[Path]:
     spec = importlib.util.find_spec("llama_cpp")
     if spec is not None and spec.origin is not None:
         found.append(Path(spec.origin).parent / "lib" / "libggml-base.so")
-    cache_root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lorastream")
-    found.append(cache_root / "llama.cpp" / "build" / "bin" / "libggml-base.so")
+    found.append(cache_root() / "llama.cpp" / "build" / "bin" / "libggml-base.so")  # `make llama-cpp` builds it
     return found
 
 
@@ -121,7 +121,10 @@ class GGUFEncoding:
     head_rows: int = 0
     shift: float = 0.0  # added after rounding (Gemma's norms: llama.cpp stores 1 + w)
 
-    uses_kernels = False  # gguf-py's numpy quantizers and ggml's library, not lorastream's compiled kernels
+    @property
+    def uses_kernels(self) -> bool:
+        """Q8_0 is lorastream's compiled kernel; the others gguf-py's numpy quantizers or ggml's library."""
+        return self.qtype == "Q8_0"
 
     def row_alignment(self, row_elements: int) -> int:
         return max(1, self.head_rows)
@@ -180,6 +183,8 @@ class GGUFEncoder:
                 target.copy_(self._arranged(values))
             return nbytes
         block = self._arranged(values)
+        if qtype == "Q8_0" and (nbytes := kernels.quantize_q8_0(block, out)) is not None:
+            return nbytes
         if qtype in K_QUANTS or ggml_available():
             return self._ggml(block, out)
         gguf = gguf_module()

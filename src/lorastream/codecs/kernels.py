@@ -12,6 +12,8 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from types import ModuleType
 
@@ -62,14 +64,16 @@ def _host(tensor: torch.Tensor) -> bool:
 
 
 def decode_4bit(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int, count: int,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """`count` values from packed nibbles (high nibble first): `(code[nibble] * absmax[i // blocksize]).to(dtype)`
-    in float32."""
+    in float32; into `out` (`count` values of `dtype` on the host) when given."""
     kernels = compiled()
     if kernels is None or not _host(packed):
         values = _code_pairs(code.to(packed.device))[packed.long()].view(-1)[:count]  # both nibbles at once
-        return scale_blocks(values, absmax, blocksize).to(dtype)
-    out = torch.empty(count, dtype=dtype)
+        decoded = scale_blocks(values, absmax, blocksize).to(dtype)
+        return decoded if out is None else out.copy_(decoded)
+    if out is None:
+        out = torch.empty(count, dtype=dtype)
     bits = out if dtype == torch.float32 else out.view(torch.int16)
     kernels.decode_4bit(packed.numpy(), code.numpy(), absmax.numpy(), blocksize, count, bits.numpy(),
                         _MODES[dtype])
@@ -111,9 +115,54 @@ def quantize_4bit(values: torch.Tensor, bounds: torch.Tensor, codes: torch.Tenso
         torch.bitwise_or(quantized[::2] << 4, quantized[1::2], out=out[:nbytes])
         return nbytes, absmax
     absmax = torch.empty(blocks, dtype=torch.float32)
-    kernels.quantize_4bit(flat.contiguous().numpy(), bounds.numpy(), _pair_codes(codes).numpy(), blocksize,
-                          out[:nbytes].numpy(), absmax.numpy())
+    values_np, bounds_np, pairs_np = flat.contiguous().numpy(), bounds.numpy(), _pair_codes(codes).numpy()
+    out_np, absmax_np = out[:nbytes].numpy(), absmax.numpy()
+
+    def quantize(first: int, last: int) -> None:  # blocks [first, last): whole bytes, as blocksize is even
+        low, high = first * blocksize, min(count, last * blocksize)
+        kernels.quantize_4bit(values_np[low:high], bounds_np, pairs_np, blocksize, out_np[low // 2:(high + 1) // 2],
+                              absmax_np[first:last])
+
+    _split(quantize, blocks)
     return nbytes, absmax
+
+
+def quantize_q8_0(values: torch.Tensor, out: torch.Tensor) -> int | None:
+    """ggml's Q8_0 of float32 `values` (rows of whole 32-value blocks) into uint8 `out`: the bytes written, or
+    None on the torch path (gguf-py's numpy quantizer or ggml's then run, to the same bytes)."""
+    kernels = compiled()
+    if kernels is None or not _host(values):
+        return None
+    flat = values.reshape(-1).contiguous().numpy()
+    blocks = flat.shape[0] // 32
+    packed = out[:blocks * 34].numpy()
+
+    def quantize(first: int, last: int) -> None:
+        kernels.quantize_q8_0(flat[first * 32:last * 32], packed[first * 34:last * 34])
+
+    _split(quantize, blocks)
+    return blocks * 34
+
+
+# Below this many blocks per thread, splitting costs more than it saves.
+_PARALLEL_BLOCKS = 1024
+
+
+def _split(quantize: Callable[[int, int], None], blocks: int) -> None:
+    """Run `quantize(first, last)` over blocks [0, blocks), split over the merge's threads: a quantizer is the
+    main thread's largest cost on a quantizing merge (the compiled loops release the GIL; blocks are
+    independent)."""
+    parts = max(1, min(torch.get_num_threads(), blocks // _PARALLEL_BLOCKS))
+    edges = [blocks * i // parts for i in range(parts + 1)]
+    if parts == 1:
+        quantize(0, blocks)
+    else:
+        list(_pool().map(quantize, edges[:-1], edges[1:]))
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="lorastream-quantize")
 
 
 def _pair_codes(codes: torch.Tensor) -> torch.Tensor:

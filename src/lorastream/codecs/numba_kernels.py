@@ -173,3 +173,28 @@ def quantize_int8(values, quantized, row_stats):  # type: ignore[no-untyped-def]
             scaled = _from_float16(_to_float16(values[row, col])) * factor
             # torch casts NaN (0 * inf: a zero row, or inf in a row) to 0
             quantized[row, col] = np.int8(0) if scaled != scaled else np.int8(np.rint(scaled))
+
+
+@_jit
+def quantize_q8_0(values, out):  # type: ignore[no-untyped-def]
+    """ggml's Q8_0 of float32 `values` (whole blocks of 32) into `out` (34 bytes a block), as
+    `quantize_row_q8_0_ref` and gguf-py compute it: `d = max|x| / 127` (stored float16), `q = roundf(x * (1 / d))`
+    (halves away from zero; 0 for a zero block), with gguf-py's `np_roundf` arithmetic in float32."""
+    for block in range(values.shape[0] // 32):
+        first = block * 32
+        peak = np.float32(0.0)
+        for i in range(32):
+            peak = max(peak, abs(values[first + i]))
+        d = peak / np.float32(127.0)
+        inverse = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+        half = _to_float16(d)
+        at = block * 34
+        out[at] = np.uint8(half & np.uint16(0xFF))
+        out[at + 1] = np.uint8(half >> np.uint16(8))
+        for i in range(32):
+            scaled = values[first + i] * inverse
+            magnitude = abs(scaled)
+            floored = np.floor(magnitude)
+            rounded = floored + np.floor(np.float32(2.0) * (magnitude - floored))
+            code = np.int32(rounded)
+            out[at + 2 + i] = np.uint8((-code if scaled < 0 else code) & 0xFF)  # int8, two's complement

@@ -17,17 +17,25 @@ operation is listed as unsupported, and a merge that targets it is refused.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
 import multiprocessing
+import os
 import re
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..adapters.lora import Adapter, ParameterTarget
+from ..cache import cache_root
 from ..errors import InputError
 from ..formats.hf import HFModel
 from ..planner import Piece
@@ -102,15 +110,57 @@ def checkpoint_layout(base: HFModel) -> Layout:
     """Every in-memory tensor of `base`'s model class and the on-disk tensors it is loaded from.
 
     Worked out in a child process when this one has not imported transformers: its modules (about 130 MiB) would
-    otherwise stay in the merge's resident memory, inside the user's budget, for the whole job."""
-    if "transformers" in sys.modules:
-        return _checkpoint_layout(base)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+    otherwise stay in the merge's resident memory, inside the user's budget, for the whole job. Importing
+    transformers there takes seconds, a good part of a small merge, so the result is kept in the cache, keyed by
+    everything it depends on: config.json, the checkpoint's tensor names and shapes, and transformers' version."""
+    cached = _cache_path(base)
+    if cached is not None and cached.is_file():
         try:
-            return child.submit(_checkpoint_layout, base).result()
-        except BrokenProcessPool as exc:
-            raise InputError(f"{base.path}: the process reading transformers' conversion rules for it died "
-                             f"({exc}); is memory short?") from None
+            return _layout_from_json(json.loads(cached.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: worked out again, and rewritten
+    if "transformers" in sys.modules:
+        layout = _checkpoint_layout(base)
+    else:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            try:
+                layout = child.submit(_checkpoint_layout, base).result()
+            except BrokenProcessPool as exc:
+                raise InputError(f"{base.path}: the process reading transformers' conversion rules for it died "
+                                 f"({exc}); is memory short?") from None
+    if cached is not None:
+        _store(cached, json.dumps(dataclasses.asdict(layout), default=sorted))
+    return layout
+
+
+def _cache_path(base: HFModel) -> Path | None:
+    """Where the layout of `base` is cached; None without transformers (no layout to cache)."""
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    rules = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # this module's reading of them
+    key = json.dumps([version, rules, base.config, sorted((n, list(s.shape)) for n, s in base.sources.items())],
+                     sort_keys=True, default=str)
+    return cache_root() / "layouts" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
+def _store(path: Path, text: str) -> None:
+    """Write a cache file atomically; a cache that cannot be written is only slower next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as out:
+            out.write(text)
+        os.replace(out.name, path)
+    except OSError:
+        pass
+
+
+def _layout_from_json(data: dict[str, Any]) -> Layout:
+    return Layout(pieces={n: tuple(Piece(**p) for p in ps) for n, ps in data["pieces"].items()},
+                  shapes={n: tuple(s) for n, s in data["shapes"].items()}, unsupported=data["unsupported"],
+                  parameters=data["parameters"], transposed=frozenset(data["transposed"]),
+                  tied={n: (a, b) for n, (a, b) in data["tied"].items()}, linear=frozenset(data["linear"]))
 
 
 def _checkpoint_layout(base: HFModel) -> Layout:
