@@ -154,6 +154,7 @@ class GGUFEncoder:
 
     def __init__(self, encoding: GGUFEncoding):
         self.encoding = encoding
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
 
     def _permuted(self, values: torch.Tensor) -> torch.Tensor:
         """The block's rows in llama.cpp's order within each head (a view; no copy)."""
@@ -163,12 +164,25 @@ class GGUFEncoder:
         rows, cols = values.shape
         return values.view(rows // head_rows, 2, head_rows // 2, cols).transpose(1, 2)
 
+    def _buffer(self, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+        """A `like`-shaped tensor of `dtype`, reused from block to block: a fresh block-sized tensor is an mmap
+        whose page faults cost as much as the arithmetic done in it."""
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.numel() < like.numel() or buffer.device != like.device:
+            buffer = self._buffers[dtype] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+        return buffer[: like.numel()].view(like.shape)
+
     def _arranged(self, values: torch.Tensor) -> torch.Tensor:
         """The block rounded to the stored dtype and back (plus the shift), rows in llama.cpp's order."""
-        rounded = values.to(self.encoding.stored).float()
+        rounded = values
+        if self.encoding.stored != torch.float32:
+            rounded = self._buffer(self.encoding.stored, values).copy_(values)
+        arranged = self._buffer(torch.float32, values)
+        source = self._permuted(rounded)
+        arranged.view(source.shape).copy_(source)  # back to float32 and into llama.cpp's row order, in one pass
         if self.encoding.shift:
-            rounded += self.encoding.shift
-        return self._permuted(rounded).cpu().contiguous().view(values.shape)
+            arranged += self.encoding.shift
+        return arranged.cpu()
 
     def encode(self, values: torch.Tensor, out: torch.Tensor) -> int:
         qtype = self.encoding.qtype
