@@ -77,14 +77,18 @@ def named_on_disk(base: HFModel, adapter: Adapter, replacements: bool = True) ->
     return all(n in base.sources or (n.count(".") > 1 and n.split(".", 1)[1] in base.sources) for n in names)
 
 
+def _without_transformers(base: HFModel) -> InputError:
+    return InputError(f"{base.path}: mapping its in-memory module names to the checkpoint's tensors needs "
+                      "transformers (pip install 'lorastream[reference]')")
+
+
 def _meta_model(base: HFModel) -> Any:
     """The model class `architectures` names, built from config.json on the meta device."""
     try:
         import transformers
         from transformers import AutoConfig
-    except ImportError:  # pragma: no cover - the test environment has transformers
-        raise InputError(f"{base.path}: its adapter names modules as transformers does in memory; resolving them "
-                         "needs transformers (pip install 'lorastream[reference]')") from None
+    except ImportError:  # pragma: no cover - checkpoint_layout refuses first when transformers is not installed
+        raise _without_transformers(base) from None
     architectures = base.config.get("architectures") or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
@@ -114,7 +118,7 @@ def checkpoint_layout(base: HFModel) -> Layout:
     transformers there takes seconds, a good part of a small merge, so the result is kept in the cache, keyed by
     everything it depends on: config.json, the checkpoint's tensor names and shapes, and transformers' version."""
     cached = _cache_path(base)
-    if cached is not None and cached.is_file():
+    if cached.is_file():
         try:
             return _layout_from_json(json.loads(cached.read_text()))
         except (OSError, ValueError, KeyError, TypeError):
@@ -128,17 +132,16 @@ def checkpoint_layout(base: HFModel) -> Layout:
             except BrokenProcessPool as exc:
                 raise InputError(f"{base.path}: the process reading transformers' conversion rules for it died "
                                  f"({exc}); is memory short?") from None
-    if cached is not None:
-        _store(cached, json.dumps(dataclasses.asdict(layout), default=sorted))
+    _store(cached, json.dumps(dataclasses.asdict(layout), default=sorted))
     return layout
 
 
-def _cache_path(base: HFModel) -> Path | None:
-    """Where the layout of `base` is cached; None without transformers (no layout to cache)."""
+def _cache_path(base: HFModel) -> Path:
+    """Where the layout of `base` is cached (refused in one line without transformers: there is no layout)."""
     try:
         version = importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
-        return None
+        raise _without_transformers(base) from None
     rules = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # this module's reading of them
     key = json.dumps([version, rules, base.config, sorted((n, list(s.shape)) for n, s in base.sources.items())],
                      sort_keys=True, default=str)
