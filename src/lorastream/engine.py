@@ -142,9 +142,17 @@ class _WriteBehind:
             pending.result()
         return self._buffers[self._turn]
 
-    def write(self, lane: int, writer: ShardSink, nbytes: int) -> None:
-        """Write the first `nbytes` of the buffer `next_buffer` returned."""
-        future = self._submit(lane, writer.write, memoryview(self._buffers[self._turn])[:nbytes])
+    def write(self, lane: int, writer: ShardSink, nbytes: int, encode: Callable[[], object] | None = None) -> None:
+        """Write the first `nbytes` of the buffer `next_buffer` returned; first, on the lane's thread, `encode` it
+        when given (an encoding left to run beside the next block's merge)."""
+        view = memoryview(self._buffers[self._turn])[:nbytes]
+
+        def encode_and_write() -> None:
+            if encode is not None:
+                encode()
+            writer.write(view)
+
+        future = self._submit(lane, encode_and_write)
         self._pending[self._turn] = future
         self._turn = (self._turn + 1) % len(self._buffers)
 
@@ -378,6 +386,13 @@ class _TargetMerge:
                 raise InputError(f"{self.t.source.path}: merged tensor {self.t.name!r} has NaN or Inf values "
                                  f"(rows {start}-{stop}); the adapter or base is broken. Pass "
                                  "--allow-nonfinite to keep them")
+            # a k-quant GGUF encoder hands its slow part to the writer's lane (see GGUFEncoder.encode_later)
+            later = getattr(self.encoder, "encode_later", None) if staging is None else None
+            deferred = later(work, target) if later is not None else None
+            if deferred is not None:
+                nbytes, encode = deferred
+                out.write(self.lane, self.sink, nbytes, encode)
+                return nbytes
             if self.encoder is not None:
                 nbytes = self.encoder.encode(work, target)
             else:

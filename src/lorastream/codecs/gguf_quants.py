@@ -17,6 +17,7 @@ import ctypes
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -154,7 +155,7 @@ class GGUFEncoder:
 
     def __init__(self, encoding: GGUFEncoding):
         self.encoding = encoding
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._buffers: dict[tuple[torch.dtype, int], torch.Tensor] = {}
 
     def _permuted(self, values: torch.Tensor) -> torch.Tensor:
         """The block's rows in llama.cpp's order within each head (a view; no copy)."""
@@ -164,20 +165,20 @@ class GGUFEncoder:
         rows, cols = values.shape
         return values.view(rows // head_rows, 2, head_rows // 2, cols).transpose(1, 2)
 
-    def _buffer(self, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
-        """A `like`-shaped tensor of `dtype`, reused from block to block: a fresh block-sized tensor is an mmap
-        whose page faults cost as much as the arithmetic done in it."""
-        buffer = self._buffers.get(dtype)
+    def _buffer(self, dtype: torch.dtype, like: torch.Tensor, owner: int = 0) -> torch.Tensor:
+        """A `like`-shaped tensor of `dtype`, reused from block to block (one per `owner`): a fresh block-sized
+        tensor is an mmap whose page faults cost as much as the arithmetic done in it."""
+        buffer = self._buffers.get((dtype, owner))
         if buffer is None or buffer.numel() < like.numel() or buffer.device != like.device:
-            buffer = self._buffers[dtype] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+            buffer = self._buffers[dtype, owner] = torch.empty(like.numel(), dtype=dtype, device=like.device)
         return buffer[: like.numel()].view(like.shape)
 
-    def _arranged(self, values: torch.Tensor) -> torch.Tensor:
+    def _arranged(self, values: torch.Tensor, owner: int = 0) -> torch.Tensor:
         """The block rounded to the stored dtype and back (plus the shift), rows in llama.cpp's order."""
         rounded = values
         if self.encoding.stored != torch.float32:
             rounded = self._buffer(self.encoding.stored, values).copy_(values)
-        arranged = self._buffer(torch.float32, values)
+        arranged = self._buffer(torch.float32, values, owner)
         source = self._permuted(rounded)
         arranged.view(source.shape).copy_(source)  # back to float32 and into llama.cpp's row order, in one pass
         if self.encoding.shift:
@@ -206,6 +207,16 @@ class GGUFEncoder:
         nbytes = encoded.nbytes
         out[:nbytes].copy_(torch.from_numpy(encoded.reshape(-1)))
         return nbytes
+
+    def encode_later(self, values: torch.Tensor, out: torch.Tensor) -> tuple[int, Callable[[], object]] | None:
+        """A k-quant block split in two: rounded and arranged now (into a buffer that belongs to `out`, so it lives
+        until `out` is written), and ggml's quantizer, the slow part of a k-quant merge, returned for the caller to
+        run later (the engine: on the writer's thread, beside the next block's merge), with the bytes it will
+        write. None for the other types, which `encode` handles at once."""
+        if self.encoding.qtype not in K_QUANTS:
+            return None
+        block = self._arranged(values, out.data_ptr())
+        return block.shape[0] * row_bytes(self.encoding.qtype, block.shape[1]), lambda: self._ggml(block, out)
 
     def _ggml(self, block: torch.Tensor, out: torch.Tensor) -> int:
         """ggml's own quantizer (no importance matrix), straight into the output buffer, the rows split over the
