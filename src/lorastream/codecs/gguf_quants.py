@@ -18,7 +18,6 @@ import importlib.util
 import math
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -87,17 +86,6 @@ def ggml_library() -> ctypes.CDLL:
             return library
     raise InputError("--quantize with k-quants (q4_k_m, q5_k_m, q6_k) needs ggml's library: pip install "
                      "'lorastream[gguf-k]' (llama-cpp-python), or set LORASTREAM_GGML_LIB to libggml-base.so")
-
-
-def quantizer_threads() -> int:
-    """Threads for ggml's k-quant search, which dominates a k-quant merge: every core (llama-quantize's default);
-    the reader and writer threads mostly wait meanwhile."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-@cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=quantizer_threads(), thread_name_prefix="lorastream-ggml")
 
 
 @cache
@@ -225,14 +213,14 @@ class GGUFEncoder:
         size = row_bytes(self.encoding.qtype, cols)
         assert out.numel() >= rows * size and out.is_contiguous()
         library, qtype = ggml_library(), ggml_type(self.encoding.qtype)
-        parts = min(rows, quantizer_threads())
+        parts = min(rows, kernels.quantizer_threads())
         bounds = [rows * i // parts for i in range(parts + 1)]
 
         def quantize(low: int, high: int) -> int:
             return int(library.ggml_quantize_chunk(qtype, block[low:high].data_ptr(), out.data_ptr() + low * size, 0,
                                                    high - low, cols, None))
 
-        written = sum(_pool().map(quantize, bounds[:-1], bounds[1:]))
+        written = sum(kernels.quantizer_pool().map(quantize, bounds[:-1], bounds[1:]))
         assert written == rows * size, f"ggml wrote {written} bytes, expected {rows * size}"
         return written
 

@@ -157,12 +157,19 @@ def _split(quantize: Callable[[int, int], None], blocks: int) -> None:
     if parts == 1:
         quantize(0, blocks)
     else:
-        list(_pool().map(quantize, edges[:-1], edges[1:]))
+        list(quantizer_pool().map(quantize, edges[:-1], edges[1:]))
+
+
+def quantizer_threads() -> int:
+    """Every core this process may run on (llama-quantize's default for ggml's k-quant search, which dominates a
+    k-quant merge; the reader and writer threads mostly wait meanwhile)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="lorastream-quantize")
+def quantizer_pool() -> ThreadPoolExecutor:
+    """The threads every quantizer splits its blocks over: the compiled loops and ggml's calls release the GIL."""
+    return ThreadPoolExecutor(max_workers=quantizer_threads(), thread_name_prefix="lorastream-quantize")
 
 
 def _pair_codes(codes: torch.Tensor) -> torch.Tensor:
