@@ -273,7 +273,8 @@ def block_count(hparams: dict[str, Any]) -> int:
 @dataclass(frozen=True)
 class GGUFTensor:
     """One tensor of the GGUF: its name there, its type, and how its rows are arranged. `qtype` is None for a
-    weight whose type the file type decides (the converter forces F32 on the others)."""
+    weight whose type the file type decides (the converter forces F32 on the others); `hf_name` is "" for a
+    tensor the converter computes from config.json (`Family.generate`) rather than reads."""
 
     hf_name: str
     name: str
