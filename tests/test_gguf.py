@@ -421,8 +421,13 @@ def test_inspect_describes_a_gguf(llama: Family) -> None:
     assert [t["shape"] for t in info["tensor_list"]] == [list(reversed(t.shape.tolist())) for t in tensors]
 
 
-def test_remote_inputs(llama: Family, s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A base and adapter in an object store: the tokenizer files are read from a local copy."""
+def test_remote_inputs_and_output(llama: Family, s3_server, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A base and adapter in an object store (the tokenizer files are read from a local copy), and a GGUF written
+    to one: uploaded into the staging prefix, copied to its key only when complete. An upload that fails midway
+    leaves nothing under the key; the rerun writes the file, and `--overwrite` replaces it."""
+    from lorastream.outputs import gguf as gguf_output
+
     fs = s3_server[0]
     fs.mkdir("gguf-inputs")
     fs.put(str(llama.base), "gguf-inputs/base", recursive=True)
@@ -430,8 +435,31 @@ def test_remote_inputs(llama: Family, s3_server, tmp_path: Path) -> None:  # typ
     out = tmp_path / "base.gguf"
     lorastream.merge("s3://gguf-inputs/base", "s3://gguf-inputs/adapter", out, format="gguf")
     assert_same_gguf(out, llama.reference("bf16"))
-    with pytest.raises(InputError, match="local file"):
+
+    original, calls = gguf_output.GGUFSink.write, []
+
+    def failing(self: gguf_output.GGUFSink, chunk: memoryview | bytes) -> None:
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("connection reset")
+        original(self, chunk)
+
+    monkeypatch.setattr(gguf_output.GGUFSink, "write", failing)
+    with pytest.raises(OSError, match="connection reset"):
+        lorastream.merge(llama.base, llama.adapter, "s3://gguf-inputs/out.gguf", format="gguf", quantize="q8_0")
+    assert not fs.exists("gguf-inputs/out.gguf") and not fs.exists("gguf-inputs/.out.gguf.lorastream-partial")
+    monkeypatch.setattr(gguf_output.GGUFSink, "write", original)
+    lorastream.merge(llama.base, llama.adapter, "s3://gguf-inputs/out.gguf", format="gguf", quantize="q8_0")
+    fs.get("gguf-inputs/out.gguf", str(tmp_path / "remote.gguf"))
+    assert_same_gguf(tmp_path / "remote.gguf", llama.reference("q8_0"))
+    assert fs.ls("gguf-inputs", detail=False) == ["gguf-inputs/adapter", "gguf-inputs/base", "gguf-inputs/out.gguf"]
+    with pytest.raises(InputError, match="--overwrite"):
         lorastream.merge(llama.base, llama.adapter, "s3://gguf-inputs/out.gguf", format="gguf")
+    lorastream.merge(llama.base, llama.adapter, "s3://gguf-inputs/out.gguf", format="gguf", overwrite=True)
+    fs.invalidate_cache()
+    fs.get("gguf-inputs/out.gguf", str(tmp_path / "remote.gguf"))
+    assert_same_gguf(tmp_path / "remote.gguf", llama.reference("bf16"))
+    assert lorastream.verify(llama.base, llama.adapter, "s3://gguf-inputs/out.gguf").ok
 
 
 def test_weights_and_trained_on_go_through_the_same_plan(llama: Family, tmp_path: Path) -> None:

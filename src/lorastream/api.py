@@ -108,7 +108,7 @@ def verify(base: PathLike | None, adapters: PathLike | Sequence[PathLike], merge
     """
     merged_dir = location(merged)
     if merged_dir.suffix == ".gguf":
-        header = read_gguf_header(merged_dir)  # type: ignore[arg-type]
+        header = read_gguf_header(merged_dir)
         chosen = MergeOptions.of(MergeOptions(**gguf_options(header.metadata)),
                                  {**(options.given() if options else {}), **fields, "device": "cpu"})
         job = hf_input.plan(base, adapters, merged_dir, chosen)

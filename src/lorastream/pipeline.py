@@ -64,7 +64,7 @@ def run(outputs: list[Output], options: MergeOptions, progress: Progress | None 
         executors.write(outputs, stagings, options, progress or (lambda _n: None), accelerator)
         for output, staging in zip(outputs, stagings, strict=True):
             if output.single_file:
-                staging.promote_file(output.plan.shards[0].filename, output.destination)  # type: ignore[arg-type]
+                staging.promote_file(output.plan.shards[0].filename, output.destination)
             else:
                 output.writer.finish(output.plan, staging.path,
                                      {**output.record, "job": output.key, "shards": staging.shards})

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from ..codecs.plain import TensorRef
 from ..dtypes import GGUF_TORCH_DTYPES
 from ..errors import InputError
+from ..io.locations import Location
 
 MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -48,7 +48,7 @@ class GGUFTensorInfo:
 
 @dataclass(frozen=True)
 class GGUFHeader:
-    path: Path
+    path: Location
     version: int
     metadata: dict[str, Any]
     tensors: list[GGUFTensorInfo]
@@ -56,7 +56,7 @@ class GGUFHeader:
 
 
 class _Cursor:
-    def __init__(self, data: bytes, path: Path):
+    def __init__(self, data: bytes, path: Location):
         self.data, self.at, self.path = data, 0, path
 
     def take(self, fmt: str) -> Any:
@@ -89,9 +89,10 @@ class _Cursor:
         return self.take(_SCALARS[kind])
 
 
-def read_gguf_header(path: Path) -> GGUFHeader:
-    """The metadata (arrays by length) and tensor infos of a GGUF file; refuses anything else in one line."""
-    with open(path, "rb") as f:
+def read_gguf_header(path: Location) -> GGUFHeader:
+    """The metadata (arrays by length) and tensor infos of a GGUF file (local or remote); refuses anything else
+    in one line."""
+    with path.open("rb") as f:
         head = f.read(24)
         if head[:4] != MAGIC:
             raise InputError(f"{path}: not a GGUF file (no GGUF magic)")
@@ -107,7 +108,7 @@ def read_gguf_header(path: Path) -> GGUFHeader:
                 size *= 4
 
 
-def _parse(data: bytes, path: Path) -> GGUFHeader:
+def _parse(data: bytes, path: Location) -> GGUFHeader:
     cursor = _Cursor(data, path)
     cursor.at = 4
     version, n_tensors, n_kv = cursor.take("<I"), cursor.take("<Q"), cursor.take("<Q")

@@ -22,8 +22,8 @@ import torch
 from ..codecs.plain import TensorRef
 from ..dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES
 from ..errors import InputError
-from ..io.atomic import AtomicFile
-from ..io.locations import Location, RemoteFile, RemotePath
+from ..io.atomic import output_file
+from ..io.locations import Location
 
 # Headers larger than this are refused before allocation (the reference implementation uses 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -137,7 +137,7 @@ class ShardWriter:
         self.path = path
         header = encode_header(specs, metadata)
         self._expected = len(header) + sum(spec.nbytes for spec in specs)
-        self._file = RemoteFile(path, self._expected) if isinstance(path, RemotePath) else AtomicFile(path)
+        self._file = output_file(path, self._expected)
         self.temp_path, self.fd = self._file.temp_path, self._file.fd
         self._written = 0
         self.crc32 = 0  # of everything written so far, for the resume manifest

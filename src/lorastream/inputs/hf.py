@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -133,7 +134,9 @@ def plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] |
     chosen = FLOAT_DTYPES.get(options.dtype or "")
     shard_bytes = parse_size(options.max_shard_size)
     remote_inputs = [model.path, *(location(a) for paths, _ in jobs for a in paths)]
-    io_buffers = sum(io_buffer_bytes(remote_inputs if k == 0 else [], out_dir, shard_bytes, 4 * MAX_BLOCK_ELEMENTS)
+    # a GGUF is one file: its upload's part size follows its size (at most 4 bytes per element)
+    largest = shard_bytes if options.format != "gguf" else 4 * sum(math.prod(s.shape) for s in model.sources.values())
+    io_buffers = sum(io_buffer_bytes(remote_inputs if k == 0 else [], out_dir, largest, 4 * MAX_BLOCK_ELEMENTS)
                      for k, out_dir in enumerate(out_dirs))
     compute = chosen or config_dtype(model.config, torch.bfloat16)
     # before the baseline is measured: it may import transformers
@@ -177,8 +180,6 @@ def check_output(base: PathLike, adapters: Sequence[PathLike], out_dir: Location
     for path in [location(base), *(location(a) for a in adapters)]:
         if is_remote(path) == is_remote(out_dir) and path.exists() and out_dir.exists() and out_dir.samefile(path):
             raise InputError(f"{out_dir}: the output folder is one of the inputs; choose another -o folder")
-    if single_file and is_remote(out_dir):
-        raise InputError(f"{out_dir}: --format gguf writes to a local file; write it here and upload it")
     check_destination(out_dir, overwrite, single_file)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .locations import Location, RemoteFile, RemotePath
+
 
 class AtomicFile:
     """The part both shard writers share: open `.NAME.partial`, then `finish` (fsync, rename) or `discard`."""
@@ -27,3 +29,9 @@ class AtomicFile:
     def discard(self) -> None:
         os.close(self.fd)
         self.temp_path.unlink(missing_ok=True)
+
+
+def output_file(path: Location, size: int) -> AtomicFile | RemoteFile:
+    """Where a shard of `size` bytes is written: a local file renamed into place on `finish`, or a multipart
+    upload that appears whole on `finish`."""
+    return RemoteFile(path, size) if isinstance(path, RemotePath) else AtomicFile(path)

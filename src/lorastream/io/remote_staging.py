@@ -65,3 +65,9 @@ class ObjectStorePrefix:
         for name in sorted((p.name for p in path.iterdir()), key=order):
             (path / name).copy_to(out_dir / name)
         path.rmtree()
+
+    def promote_file(self, path: RemotePath, name: str, target: RemotePath) -> None:
+        """Copy the staged file `name` to `target` (one copy in the service: the object is replaced whole), then
+        drop the staging prefix."""
+        (path / name).copy_to(target)
+        path.rmtree()

@@ -71,6 +71,8 @@ class Store(Protocol):
 
     def promote(self, path: Location, out_dir: Location, shards: set[str], last: Sequence[str]) -> None: ...
 
+    def promote_file(self, path: Location, name: str, target: Location) -> None: ...
+
 
 class LocalFolder:
     """A staging folder on a local disk: the manifest replaced atomically, shards proven by size and CRC-32,
@@ -108,6 +110,12 @@ class LocalFolder:
         os.replace(path, out_dir)
         _fsync_dir(out_dir.parent)
         shutil.rmtree(old, ignore_errors=True)
+
+    def promote_file(self, path: Path, name: str, target: Path) -> None:
+        """Rename the staged file `name` over `target` (a single-file output), then drop the staging folder."""
+        os.replace(path / name, target)
+        _fsync_dir(target.parent)
+        shutil.rmtree(path)
 
 
 @dataclass
@@ -165,11 +173,10 @@ class Staging:
         self.manifest_path.unlink()
         self.store.promote(self.path, out_dir, set(self.shards), last)
 
-    def promote_file(self, name: str, target: Path) -> None:
-        """Put the staged file `name` in place of `target` (a single-file output beside its inputs)."""
-        os.replace(self.path / name, target)  # type: ignore[operator]
-        _fsync_dir(target.parent)
-        shutil.rmtree(self.path)  # type: ignore[arg-type]
+    def promote_file(self, name: str, target: Location) -> None:
+        """Put the staged file `name` in place of `target` (a single-file output: a GGUF, or lit_model.pth
+        beside its inputs)."""
+        self.store.promote_file(self.path, name, target)
 
 
 @contextmanager

@@ -5,8 +5,9 @@ Everything before the tensor data (metadata, tokenizer, tensor infos with their 
 config, the tokenizer files and the plan's shapes and types, so it is computed with gguf-py's `GGUFWriter`
 before the merge starts; the tensor data then streams in plan order, each tensor padded to the alignment as
 gguf-py pads it. The file is written under a temporary name in the staging folder and renamed into place
-only when complete; a run killed before that leaves nothing under the output's name, and its rerun starts
-the file over (the staging manifest never records a partial file).
+only when complete (to an object store: uploaded into the staging prefix, then copied to its key by the
+service); a run killed before that leaves nothing under the output's name, and its rerun starts the file
+over (the staging manifest never records a partial file).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..engine import ShardSink
 from ..errors import InputError
 from ..formats.hf import HFModel
 from ..formats.safetensors import TensorSpec
-from ..io.atomic import AtomicFile
+from ..io.atomic import output_file
 from ..io.locations import Location, copy_file
 from ..planner import OutputTensor, Plan, Shard
 from .gguf_layout import GGUFTensor, block_count, converter_types, hparams_of, layout
@@ -176,12 +177,12 @@ class GGUFSink:
     bytes known at plan time (`fixed_bytes`: the header first) before the tensor at their index; committed
     (fsync, rename) only when every byte arrived."""
 
-    def __init__(self, path: Path, fixed_bytes: tuple[tuple[int, bytes], ...], specs: list[TensorSpec]):
+    def __init__(self, path: Location, fixed_bytes: tuple[tuple[int, bytes], ...], specs: list[TensorSpec]):
         self.path = path
-        self._file = AtomicFile(path)
         self._fixed = dict(fixed_bytes)
         self._sizes = [spec.nbytes for spec in specs]
         self._expected = sum(map(len, self._fixed.values())) + sum(size + _pad(size) for size in self._sizes)
+        self._file = output_file(path, self._expected)
         self._index, self._left = 0, self._sizes[0] if self._sizes else 0
         self.size = 0
         self.crc32 = 0
@@ -241,7 +242,7 @@ class GGUFFile:
     def open_shard(self, folder: Location, shard: Shard, record: dict[str, Any]) -> ShardSink:
         if not self.fixed_bytes:
             raise InputError("--format gguf: the output needs its header, planned with the GGUF arrangement")
-        return GGUFSink(folder / shard.filename, self.fixed_bytes, shard.specs)  # type: ignore[arg-type]
+        return GGUFSink(folder / shard.filename, self.fixed_bytes, shard.specs)
 
     def finish(self, plan: Plan, folder: Location, record: dict[str, Any]) -> None:
         """Nothing beside the file: the GGUF is complete in itself (tokenizer and provenance inside)."""
