@@ -76,11 +76,16 @@ def build_case(root: Path, model: torch.nn.Module, dtype: torch.dtype, *, safe_s
     return Case(base, adapter, dtype, type(model))
 
 
-def peft_reference(case: Case, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """PEFT's own merge: load base and adapter, `merge_and_unload()`; the model and its state dict."""
+def peft_reference(case: Case, dtype: torch.dtype | None = None,
+                   prepare: Callable[[torch.nn.Module], None] | None = None
+                   ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """PEFT's own merge: load base and adapter (after `prepare`, as `build_case` had it), `merge_and_unload()`;
+    the model and its state dict."""
     from peft import PeftModel
 
     model = case.model_class.from_pretrained(case.base, dtype=dtype or case.dtype)
+    if prepare is not None:
+        prepare(model)
     merged = PeftModel.from_pretrained(model, case.adapter).merge_and_unload()
     return merged, merged.state_dict()
 

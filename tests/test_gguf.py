@@ -74,15 +74,46 @@ def _family(root: Path, name: str) -> Family:
     return Family(root / "base", root / "adapter", root / "merged", root)
 
 
+# Tokens a fine-tune adds: plain ones (one with a space) and special ones.
+ADDED_TOKENS = ["<tool>", "</tool>", "hello world"]
+ADDED_SPECIAL = ["<|im_start|>", "<|im_end|>"]
+
+
 def build_family(root: str, name: str) -> None:
-    """A tiny model of family `name` with a real tokenizer, a PEFT adapter for it, and PEFT's merged folder."""
-    model, tokenizer = _model(name)
+    """A tiny model of family `name` with a real tokenizer, a PEFT adapter for it, and PEFT's merged folder.
+
+    `<family>_added`: the fine-tune added tokens, saved its tokenizer with the adapter (as `save_pretrained`
+    writes it), and trained the new rows: Llama resized its vocabulary and trained the embedding and head
+    whole (`modules_to_save`); Qwen2 has room in its vocabulary and trained the new rows only
+    (`trainable_token_indices`). The merged folder holds the adapter's tokenizer, as a user saves it there."""
+    from transformers import AutoTokenizer
+
+    model, tokenizer = _model(name.removesuffix("_added"))
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if name.startswith("phi3") else LORA["target_modules"]
-    case = build_case(Path(root), model, torch.bfloat16, **{**LORA, "target_modules": targets})
+    lora: dict[str, object] = {**LORA, "target_modules": targets}
+    prepare, added = None, None
+    if name.endswith("_added"):
+        (Path(root) / "tokenizer").mkdir(parents=True)
+        for filename, data in tokenizer.items():
+            (Path(root) / "tokenizer" / filename).write_bytes(data)
+        added = AutoTokenizer.from_pretrained(Path(root) / "tokenizer")
+        old = len(added)
+        added.add_tokens(ADDED_TOKENS)
+        added.add_special_tokens({"additional_special_tokens": ADDED_SPECIAL})
+        if name == "llama_added":
+            prepare = lambda m: m.resize_token_embeddings(len(added))  # noqa: E731
+            lora["modules_to_save"] = ["embed_tokens", "lm_head"]
+        else:
+            lora["trainable_token_indices"] = list(range(old, len(added)))
+    case = build_case(Path(root), model, torch.bfloat16, prepare=prepare, **lora)
     for filename, data in tokenizer.items():
         (case.base / filename).write_bytes(data)
-    merged, _ = peft_reference(case)
+    merged, _ = peft_reference(case, prepare=prepare)
     merged.save_pretrained(Path(root) / "merged")
+    if added is not None:
+        added.save_pretrained(case.adapter)
+        added.save_pretrained(Path(root) / "merged")
+        return
     for filename in tokenizer:
         shutil.copy(case.base / filename, Path(root) / "merged" / filename)
 
@@ -258,6 +289,22 @@ def test_other_families_equal_llama_cpp(name: str, qtypes: list[str], tmp_path_f
         out = family.work / f"ours-{qtype}.gguf"
         merge(family, out, **({} if qtype == "bf16" else {"quantize": qtype}))
         assert_same_gguf(out, family.reference(qtype))
+
+
+@pytest.mark.parametrize(("name", "qtypes"), [("llama_added", ["bf16", "q4_k_m"]), ("qwen2_added", ["bf16"])])
+def test_added_tokens_equal_llama_cpp(name: str, qtypes: list[str], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A fine-tune that added tokens: the GGUF takes the adapter's tokenizer (its added and special tokens)
+    and, for Llama, the resized vocabulary, as the converter does from the merged folder."""
+    family = _family(tmp_path_factory.mktemp(f"gguf-{name}"), name)
+    for qtype in qtypes:
+        out = family.work / f"ours-{qtype}.gguf"
+        merge(family, out, **({} if qtype == "bf16" else {"quantize": qtype}))
+        assert_same_gguf(out, family.reference(qtype))
+    info = lorastream.inspect(out)
+    tokens = gguf.GGUFReader(out).fields["tokenizer.ggml.tokens"].contents()
+    assert set(ADDED_TOKENS + ADDED_SPECIAL) <= set(tokens)
+    if name == "llama_added":
+        assert info["tokenizer"]["tokens"] == 305
 
 
 LOGITS = """

@@ -434,3 +434,35 @@ def test_lit_model_pth_over_4_gib(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         del loaded
     finally:
         path.unlink()
+
+
+def test_gguf_equals_llama_cpp_on_the_hf_export(litgpt_cases: Path, tmp_path: Path) -> None:
+    """`--format gguf` from a LitGPT run (with a real SentencePiece tokenizer): the same file llama.cpp's converter
+    (and llama-quantize) makes from the run's `--format hf` export, which equals `litgpt convert_from_litgpt`'s
+    (above); `verify` recomputes it, and the command line routes a run there."""
+    import shutil
+
+    from test_gguf import Family, assert_same_gguf, sentencepiece_tokenizer
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(litgpt_cases / "gqa_all_bf16" / "base", base)
+    shutil.copytree(litgpt_cases / "gqa_all_bf16" / "run", run)
+    for folder in (base, run):  # the run keeps copies of the checkpoint's tokenizer files, as litgpt's do
+        (folder / "tokenizer.json").unlink()
+        for name, data in sentencepiece_tokenizer().items():
+            (folder / name).write_bytes(data)
+    api.merge_litgpt(run, tmp_path / "hf", base=base, format="hf")
+    llama_cpp = Family(base, run, tmp_path / "hf", tmp_path)
+    for qtype in ("bf16", "q4_k_m"):
+        out = tmp_path / f"{qtype}.gguf"
+        api.merge_litgpt(run, out, base=base, format="gguf", **({} if qtype == "bf16" else {"quantize": qtype}))
+        assert_same_gguf(out, llama_cpp.reference(qtype))
+        assert api.verify_litgpt(run, out, base=base).ok
+    result = CliRunner().invoke(main, ["merge", str(run), "--base", str(base), "-o", str(tmp_path / "q8.gguf"),
+                                       "--format", "gguf", "--quantize", "q8_0", "-q"])
+    assert result.exit_code == 0, result.output
+    assert_same_gguf(tmp_path / "q8.gguf", llama_cpp.reference("q8_0"))
+    with pytest.raises(InputError, match="needs an output file"):
+        api.merge_litgpt(run, None, base=base, format="gguf")
+    with pytest.raises(InputError, match="--trained-on needs --format litgpt"):
+        api.merge_litgpt(run, tmp_path / "t.gguf", base=base, format="gguf", trained_on="nf4")

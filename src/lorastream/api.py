@@ -7,7 +7,7 @@ arguments of the same names (`max_memory="2GiB", dtype="bfloat16"`, ...); see `o
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from .formats.torchzip import read_state_dict
 from .inputs import hf as hf_input
 from .inputs import litgpt as litgpt_input
 from .inspection import inspect as inspect
-from .io.locations import location
+from .io.locations import Location, location
 from .options import MergeOptions
 from .outputs.gguf import gguf_options
 from .outputs.gguf_layout import generated_tensors
@@ -108,19 +108,25 @@ def verify(base: PathLike | None, adapters: PathLike | Sequence[PathLike], merge
     """
     merged_dir = location(merged)
     if merged_dir.suffix == ".gguf":
-        header = read_gguf_header(merged_dir)
-        chosen = MergeOptions.of(MergeOptions(**gguf_options(header.metadata)),
-                                 {**(options.given() if options else {}), **fields, "device": "cpu"})
-        job = hf_input.plan(base, adapters, merged_dir, chosen)
-        stored = gguf_tensor_refs(header)
-        report = compare(job, stored, True if exact is None else exact, progress)
-        return compare_generated(report, stored, generated_tensors(job.base.config, job.base.path))
+        return _verify_gguf(merged_dir, lambda chosen: hf_input.plan(base, adapters, merged_dir, chosen),
+                            {**(options.given() if options else {}), **fields}, exact, progress)
     recorded = recorded_options(merged_dir, (*RECORDED, "device"))  # type: ignore[arg-type]
     chosen = MergeOptions.of(MergeOptions(**{k: v for k, v in recorded.items() if k != "device"}),
                              {**(options.given() if options else {}), **fields})
     job = hf_input.plan(base, adapters, merged_dir, MergeOptions.of(chosen, {"device": "cpu"}))
     exact = (merged_dir / "lorastream.json").is_file() and "device" not in recorded if exact is None else exact
     return compare(job, safetensors_tensors(merged_dir), exact, progress)  # type: ignore[arg-type]
+
+
+def _verify_gguf(path: Location, plan: Callable[[MergeOptions], Plan], given: dict[str, Any], exact: bool | None,
+                 progress: Progress | None) -> VerifyReport:
+    """Recompute a GGUF with the options its file type names (and those `given`): every merged tensor, exact
+    unless `exact` is False, and the tensors the converter computes from config.json."""
+    header = read_gguf_header(path)
+    job = plan(MergeOptions.of(MergeOptions(**gguf_options(header.metadata)), {**given, "device": "cpu"}))
+    stored = gguf_tensor_refs(header)
+    report = compare(job, stored, True if exact is None else exact, progress)
+    return compare_generated(report, stored, generated_tensors(job.base.config, job.base.path))
 
 
 def plan_litgpt(lora_dir: PathLike, out: PathLike | None = None, options: MergeOptions | None = None, *,
@@ -153,12 +159,17 @@ def verify_litgpt(lora_dir: PathLike, merged: PathLike, options: MergeOptions | 
                   base: PathLike | None = None, exact: bool = True, progress: Progress | None = None,
                   **fields: Any) -> VerifyReport:
     """Recompute the merge of a LitGPT LoRA run and compare it with `merged`: a `lit_model.pth` (or a folder
-    holding one) or a `format="hf"` folder.
+    holding one), a `format="hf"` folder, or a GGUF.
 
-    Options not given are taken from the folder's `lorastream.json` when it has one. Exact by default:
-    lorastream and `litgpt merge_lora` (and `litgpt convert_from_litgpt` after it) write the same bits.
+    Options not given are taken from the folder's `lorastream.json` when it has one (from a GGUF's file type).
+    Exact by default: lorastream and `litgpt merge_lora` (and `litgpt convert_from_litgpt` after it) write the
+    same bits.
     """
     path = Path(merged)
+    if path.suffix == ".gguf":
+        run, base_model = litgpt_input.open_run(lora_dir, base)
+        return _verify_gguf(path, lambda chosen: litgpt_input.plan(run, base_model, path.absolute(), chosen),
+                            {**(options.given() if options else {}), **fields}, exact, progress)
     folder = path.parent if path.is_file() else path
     if path.is_file() or (path / MODEL_FILE).is_file():
         format, stored = "litgpt", read_state_dict(path if path.is_file() else path / MODEL_FILE)

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
@@ -25,7 +25,7 @@ from .errors import InputError
 from .formats.hf import HFModel
 from .formats.safetensors import TensorSpec
 from .memory import format_size
-from .vocabulary import component, new_vocab_size
+from .vocabulary import component, new_vocab_size, updated_config
 
 # Models whose linear layers are GPT-2 `Conv1D` (weights stored [in, out]): the tie-breaker for square weights.
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
@@ -567,36 +567,39 @@ def _trained_on(tensor: OutputTensor, base: HFModel, encoding: Bnb4Encoding,
                                                                      RoundTripSource(tensor.source, encoding)))
 
 
-def make_plan(base: HFModel, adapters: list[tuple[Adapter, float]], out_dir: Path, *, budget: int, baseline: int,
-              disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
-              quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None, io_buffers: int = 0,
-              gpu_budget: int = 0, gpu_libraries: int = 0, on_disk: TensorLayout | None = None) -> Plan:
-    """Plan merging `adapters` (each with its weight) into `base`; pure, from headers only.
+# How a single-file format lays out one output: given the planned tensors (HF names, merged shapes), the merged
+# model's config.json (vocab_size and tie_word_embeddings as the merge leaves them) and the adapters (whose
+# folders may hold tokenizer files), the tensors in the file's order, named and encoded its way, and the bytes
+# known already, each before the data of the tensor at its index (the GGUF header first).
+Arrange = Callable[[list[OutputTensor], dict[str, Any], tuple[tuple[Adapter, float], ...]],
+                   tuple[list[OutputTensor], tuple[tuple[int, bytes], ...]]]
+
+
+def make_plan(base: HFModel, adapters: list[tuple[Adapter, float]], out_dir: Path, **options: Any) -> Plan:
+    """Plan merging `adapters` (each with its weight) into `base`; pure, from headers only. The options are
+    `make_plans`'."""
+    return make_plans(base, [adapters], [out_dir], **options)[0]
+
+
+def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_dirs: Sequence[Path], *, budget: int,
+               baseline: int | Callable[[], int], disk_free: int, max_shard_size: int,
+               dtype: torch.dtype | None = None, quantize: Encoding | None = None,
+               trained_on: Bnb4Encoding | None = None, io_buffers: int = 0, gpu_budget: int = 0,
+               gpu_libraries: int = 0, on_disk: TensorLayout | None = None, arrange: Arrange | None = None,
+               single_file: str = "") -> list[Plan]:
+    """Plan each of `jobs` (adapters with weights) merged into `base` on its own, all produced in one pass over
+    the base (`merge --each`): a base tensor is one source for every plan, so the engine reads each row block
+    once, and the plans share one memory plan that holds every output's buffers and adapter tensors.
 
     `quantize` writes linear weights quantized; `trained_on` reads dense linear weights through that 4-bit
     quantization first (the weights a QLoRA adapter was trained against); `io_buffers` is what remote storage
     holds in memory (see `storage.io_buffer_bytes`); `gpu_budget` is the accelerator memory the merge may take
     when it computes there (0: on the CPU), `gpu_libraries` what torch's libraries keep there for good;
     `on_disk` maps the adapter's in-memory module names to the checkpoint's tensors (see inputs/targets.py).
-    """
-    return make_plans(base, [adapters], [out_dir], budget=budget, baseline=baseline, disk_free=disk_free,
-                      max_shard_size=max_shard_size, dtype=dtype, quantize=quantize, trained_on=trained_on,
-                      io_buffers=io_buffers, gpu_budget=gpu_budget, gpu_libraries=gpu_libraries, on_disk=on_disk)[0]
-
-
-def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_dirs: Sequence[Path], *, budget: int,
-               baseline: int, disk_free: int, max_shard_size: int, dtype: torch.dtype | None = None,
-               quantize: Encoding | None = None, trained_on: Bnb4Encoding | None = None,
-               io_buffers: int = 0, gpu_budget: int = 0, gpu_libraries: int = 0,
-               on_disk: TensorLayout | None = None,
-               arrange: Callable[[list[OutputTensor]], list[OutputTensor]] | None = None, single_file: str = "",
-               fixed_bytes: tuple[tuple[int, bytes], ...] = ()) -> list[Plan]:
-    """Plan each of `jobs` (adapters with weights) merged into `base` on its own, all produced in one pass over
-    the base (`merge --each`): a base tensor is one source for every plan, so the engine reads each row block
-    once, and the plans share one memory plan that holds every output's buffers and adapter tensors.
-
-    A single-file format (GGUF) passes `arrange`, which orders, names and encodes the tensors its way, the
-    `single_file` name of its one shard, and the `fixed_bytes` it writes between the tensors' data."""
+    A single-file format (GGUF) passes `arrange`, which orders, names and encodes each output's tensors its way
+    and gives the bytes it writes between their data (see `Arrange`), and the `single_file` name of its one
+    shard. `baseline` may be a function: the process's RSS is then measured after `arrange` has run (a GGUF
+    header holds a whole tokenizer)."""
     if quantize is not None and base.model_type in CONV1D_MODEL_TYPES:
         raise InputError(f"{base.path}: {base.model_type} stores linear layers as Conv1D; writing them "
                          "quantized is not supported")
@@ -612,19 +615,21 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
         if quantize is not None:
             tensors = [dataclasses.replace(t, encoding=quantize) if _is_quantizable(t, base, on_disk) else t
                        for t in tensors]
+        fixed_bytes: tuple[tuple[int, bytes], ...] = ()
         if arrange is not None:
-            tensors = arrange(tensors)
+            tensors, fixed_bytes = arrange(tensors, updated_config(base.config, vocab, untie), frozen)
         shards = (Shard(single_file, tuple(tensors)),) if single_file else _shards(tensors, max_shard_size)
         if planned and layout(shards) != layout(planned[0][3]):
             raise InputError(f"{frozen[0][0].source}: adds tensors the base does not have, so its output is laid "
                              "out unlike the others'; merge it on its own")
-        planned.append((frozen, targets, tensors, shards, vocab, untie))
-    memory = _memory_plan([p[2] for p in planned], budget, baseline, io_buffers, gpu_budget, gpu_libraries)
-    header = max(HEADER_ALLOWANCE, sum(len(b) for _, b in fixed_bytes))
+        planned.append((frozen, targets, tensors, shards, vocab, untie, fixed_bytes))
+    measured = baseline() if callable(baseline) else baseline
+    memory = _memory_plan([p[2] for p in planned], budget, measured, io_buffers, gpu_budget, gpu_libraries)
     return [Plan(base, frozen, out_dir, tuple(tensors), shards, memory,
-                 sum(s.nbytes for s in shards) + header * len(shards), disk_free,
-                 max_shard_size, dtype, targets, quantize, vocab, untie, fixed_bytes)
-            for (frozen, targets, tensors, shards, vocab, untie), out_dir in zip(planned, out_dirs, strict=True)]
+                 sum(s.nbytes for s in shards) + max(HEADER_ALLOWANCE, sum(len(b) for _, b in fixed)) * len(shards),
+                 disk_free, max_shard_size, dtype, targets, quantize, vocab, untie, fixed)
+            for (frozen, targets, tensors, shards, vocab, untie, fixed), out_dir in zip(planned, out_dirs,
+                                                                                         strict=True)]
 
 
 def layout(shards: Sequence[Shard]) -> list[tuple[str, list[tuple[str, int]]]]:

@@ -10,11 +10,13 @@ template) replace the base's. A tied head that the merge writes apart from the e
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .adapters.lora import Adapter
 from .errors import InputError
 from .formats.hf import HFModel
+from .io.locations import Location, location
 
 # The tensors with one row per token: input embeddings and output heads.
 _VOCABULARY_TENSOR = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|shared|"
@@ -25,6 +27,9 @@ TOKENIZER_FILES = frozenset({
     "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
     "chat_template.json",
 })
+# The tokenizer files that hold a vocabulary: an adapter folder with one of them holds a whole tokenizer.
+_VOCABULARY_FILES = frozenset({"tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+                               "spiece.model", "sentencepiece.bpe.model"})
 # Components the merge summary counts changed tensors in (the first whose pattern matches a tensor's name).
 _COMPONENTS = (
     ("experts", re.compile(r"(^|\.)(shared_)?experts\.")),
@@ -81,3 +86,19 @@ def updated_config(config: dict[str, Any], vocab_size: int | None, untie: bool) 
         if isinstance(text, dict) and "tie_word_embeddings" in text:
             text["tie_word_embeddings"] = False
     return config
+
+
+def output_companions(base_files: Sequence[Location], adapters: Sequence[tuple[Adapter, float]]) -> list[Location]:
+    """The files an output carries beside its weights: the base's, with the tokenizer files saved with the
+    adapters (the last adapter's, where several have one) in place of the base's of the same name. An adapter
+    that saved a whole tokenizer (a vocabulary file, as `tokenizer.save_pretrained` writes after adding tokens)
+    replaces the base's tokenizer files altogether: a stale file of the base's (a tokenizer.model without the
+    added tokens, which llama.cpp's converter reads first) must not stay beside it."""
+    files = {p.name: p for p in base_files}
+    for adapter, _ in adapters:
+        folder = location(adapter.source)
+        own = {p.name: p for p in folder.iterdir() if p.name in TOKENIZER_FILES and p.is_file()}
+        if own.keys() & _VOCABULARY_FILES:
+            files = {name: p for name, p in files.items() if name not in TOKENIZER_FILES}
+        files.update(own)
+    return list(files.values())

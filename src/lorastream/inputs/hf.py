@@ -25,7 +25,7 @@ from ..memory import current_rss, default_budget, parse_size
 from ..options import MergeOptions
 from ..outputs import writer
 from ..outputs.base import Output, check_destination, provenance
-from ..outputs.gguf import STAGED_NAME, GGUFFile, arrangement
+from ..outputs.gguf import STAGED_NAME, GGUFArranger, GGUFFile, check_types
 from ..planner import MAX_BLOCK_ELEMENTS, Plan, make_plans
 from ..version import __version__
 from .targets import Layout, checkpoint_layout, named_on_disk
@@ -124,13 +124,13 @@ def plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] |
               options: MergeOptions, gpu: Accelerator | None) -> list[Plan]:
     """Plans of one pass over `base`: each job (adapters, weights) merged into its output folder."""
     model = open_hf_model(location(base))
-    if options.format == "gguf":  # the header (tokenizer included) is built before the baseline is measured
+    if options.format == "gguf":
         for out_dir in out_dirs:
             if not out_dir.name.endswith(GGUFFile.suffix):
                 raise InputError(f"{out_dir}: --format gguf writes one file; name it OUT.gguf")
-        arranged = arrangement(model, options.dtype, options.quantize)
-        gguf: dict[str, Any] = {"arrange": arranged.arrange, "single_file": STAGED_NAME,
-                                "fixed_bytes": arranged.fixed_bytes}
+        check_types(options.dtype, options.quantize)
+        gguf: dict[str, Any] = {"arrange": GGUFArranger(model, options.dtype, options.quantize),
+                                "single_file": STAGED_NAME}
     chosen = FLOAT_DTYPES.get(options.dtype or "")
     shard_bytes = parse_size(options.max_shard_size)
     remote_inputs = [model.path, *(location(a) for paths, _ in jobs for a in paths)]
@@ -148,7 +148,7 @@ def plan_pass(base: PathLike, jobs: list[tuple[list[PathLike], Sequence[float] |
         "dtype": chosen, "quantize": encoding_for(options.quantize, options.double_quant, compute)}
     return make_plans(model, adapters, out_dirs,  # type: ignore[arg-type]
                       budget=parse_size(options.max_memory) if options.max_memory is not None else default_budget(),
-                      baseline=current_rss(), disk_free=disk_free(out_dirs[0]), max_shard_size=shard_bytes,
+                      baseline=current_rss, disk_free=disk_free(out_dirs[0]), max_shard_size=shard_bytes,
                       trained_on=encoding_for(options.trained_on, options.double_quant,  # type: ignore[arg-type]
                                               config_dtype(model.config, torch.bfloat16), "--trained-on"),
                       io_buffers=io_buffers, gpu_budget=gpu.budget if gpu is not None else 0,
@@ -203,7 +203,5 @@ def outputs(plans: list[Plan], options: MergeOptions, gpu: Accelerator | None) -
     if options.format == "litgpt":
         raise InputError("--format litgpt writes lit_model.pth from a LitGPT run; a Hugging Face base is merged "
                          "into --format hf")
-    if options.format == "gguf":
-        return [Output(job, GGUFFile(job.fixed_bytes), *identity(job, options, gpu), job.out_dir) for job in plans]
-    chosen = writer(options.format or "hf")
-    return [Output(job, chosen, *identity(job, options, gpu), job.out_dir) for job in plans]
+    return [Output(job, writer(options.format or "hf", job), *identity(job, options, gpu), job.out_dir)
+            for job in plans]

@@ -11,6 +11,7 @@ into, `finish(plan, folder, record)` adding the other files before the folder is
 from __future__ import annotations
 
 from ..errors import InputError
+from ..planner import Plan
 from .base import OutputWriter
 from .gguf import GGUFFile
 from .hf_folder import HFFolder
@@ -23,7 +24,10 @@ WRITERS: dict[str, OutputWriter] = {writer.name: writer for writer in (
 )}
 
 
-def writer(name: str) -> OutputWriter:
+def writer(name: str, plan: Plan | None = None) -> OutputWriter:
+    """The writer of `--format name`; a GGUF's carries the bytes `plan` was laid out with (its header)."""
     if name not in WRITERS:
         raise InputError(f"--format {name!r}: expected one of {', '.join(WRITERS)}")
+    if name == GGUFFile.name and plan is not None:
+        return GGUFFile(plan.fixed_bytes)
     return WRITERS[name]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..adapters.lora import Adapter
 from ..codecs.gguf_quants import GGUFEncoding, gguf_module
 from ..dtypes import GGUF_DENSE_TYPES, GGUF_QUANT_PRESETS, GGUF_TORCH_DTYPES
 from ..engine import ShardSink
@@ -34,6 +36,7 @@ from ..formats.safetensors import TensorSpec
 from ..io.atomic import output_file
 from ..io.locations import Location, copy_file
 from ..planner import OutputTensor, Plan, Shard
+from ..vocabulary import output_companions
 from .gguf_layout import GGUFTensor, block_count, converter_types, hparams_of, layout
 from .gguf_presets import PRESETS, preset_file_type, preset_types
 from .gguf_vocab import add_vocab
@@ -58,7 +61,7 @@ def default_dense(model: HFModel) -> str:
 
 @dataclass(frozen=True)
 class GGUFArrangement:
-    """What a GGUF of a base model holds, known before any tensor data: the merged tensors (GGUF name, type,
+    """What a GGUF of a merged model holds, known before any tensor data: the merged tensors (GGUF name, type,
     row order) in file order, and the bytes known already, each before the merged tensor at its index: the
     header, and the data of the tensors the converter computes from config.json (rope factors)."""
 
@@ -66,31 +69,25 @@ class GGUFArrangement:
     fixed_bytes: tuple[tuple[int, bytes], ...]
 
     def arrange(self, planned: list[OutputTensor]) -> list[OutputTensor]:
-        """The plan's tensors in GGUF order, named and encoded as llama.cpp writes them."""
+        """The plan's tensors in GGUF order, named and encoded as llama.cpp writes them (those the converter
+        drops, such as Gemma 2's head, are left out)."""
         by_name = {t.name: t for t in planned}
-        missing = set(by_name) - {t.hf_name for t in self.tensors}
-        if missing:
-            raise InputError(f"tensor {sorted(missing)[0]!r}: an adapter adds it, and it has no place in the GGUF "
-                             "layout of the base")
-        for t in self.tensors:
-            if by_name[t.hf_name].shape != t.shape:
-                raise InputError(f"tensor {t.hf_name!r}: the adapter changes its shape {list(t.shape)} to "
-                                 f"{list(by_name[t.hf_name].shape)} (added tokens?); the GGUF layout follows the "
-                                 "base: merge to --format hf and convert that")
         return [dataclasses.replace(by_name[t.hf_name], name=t.name, encoding=_encoding(t, by_name[t.hf_name].dtype))
                 for t in self.tensors]
 
 
 @contextmanager
-def tokenizer_folder(model: HFModel) -> Iterator[Path]:
-    """A local folder with the base's config and tokenizer files, as gguf-py's vocab readers need one: the
-    base itself, or for a remote base a temporary copy of those small files."""
-    if isinstance(model.path, Path):
+def tokenizer_folder(model: HFModel, config: dict[str, Any], companions: list[Location]) -> Iterator[Path]:
+    """A local folder holding the merged model's config.json and tokenizer, as gguf-py's vocab readers need
+    one: the base itself where the merge changes neither, else a temporary folder with what `--format hf`
+    writes there (the updated config.json and the `companions`: the base's files, the adapter's tokenizer)."""
+    if isinstance(model.path, Path) and config == model.config and companions == list(model.companion_files):
         yield model.path
         return
     with tempfile.TemporaryDirectory(prefix="lorastream-tokenizer-") as temp:
-        for source in (model.path / "config.json", *model.companion_files):
+        for source in companions:
             copy_file(source, Path(temp) / source.name)
+        (Path(temp) / "config.json").write_text(json.dumps(config))
         yield Path(temp)
 
 
@@ -103,41 +100,49 @@ def _encoding(tensor: GGUFTensor, stored: torch.dtype) -> GGUFEncoding | None:
     return GGUFEncoding(qtype, stored, tensor.head_rows, tensor.shift)
 
 
-def arrangement(model: HFModel, dtype: str | None, quantize: str | None) -> GGUFArrangement:
-    """The GGUF layout and header of merging into `model`, dense in `dtype` (a --dtype name; default: the
-    converter's auto) or quantized with a `--quantize` preset: q8_0 as `convert_hf_to_gguf.py --outtype q8_0`
-    writes it, the others as `llama-quantize` makes them from the converter's 16-bit file."""
-    gguf = gguf_module()
+def check_types(dtype: str | None, quantize: str | None) -> None:
+    """Refuse `--dtype` / `--quantize` values a GGUF cannot take, before anything is read."""
+    gguf_module()
     if quantize is not None and quantize not in GGUF_QUANT_PRESETS:
         raise InputError(f"--quantize {quantize!r} with --format gguf: expected one of {', '.join(GGUF_QUANT_PRESETS)}")
     if quantize is not None and dtype is not None:
         raise InputError("--dtype picks the dense GGUF type; with --quantize the types are the preset's")
-    hparams = hparams_of(model.config)
-    family, tensors = layout(model.config, [(name, s.shape) for name, s in model.sources.items()], model.path)
+
+
+def arrangement(model: HFModel, config: dict[str, Any], tensors: list[tuple[str, tuple[int, ...]]],
+                companions: list[Location], dtype: str | None, quantize: str | None) -> GGUFArrangement:
+    """The GGUF layout and header of merging into `model`: the merged model has `config` (its vocab_size and
+    tie_word_embeddings as the merge leaves them), these (HF name, shape) `tensors`, and the tokenizer among
+    the `companions` (see `vocabulary.output_companions`). Dense in `dtype` (a --dtype name; default: the converter's
+    auto) or quantized with a `--quantize` preset: q8_0 as `convert_hf_to_gguf.py --outtype q8_0` writes it,
+    the others as `llama-quantize` makes them from the converter's 16-bit file."""
+    gguf = gguf_module()
+    hparams = hparams_of(config)
+    family, laid_out = layout(config, tensors, model.path)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]])
     generated = dict(family.generate(writer, hparams))  # the converter makes these before any other key
     # first in the converter's file; llama-quantize's loader order puts them among the others by name
-    tensors = [*(GGUFTensor("", name, values.shape, "F32") for name, values in generated.items()), *tensors]
+    laid_out = [*(GGUFTensor("", name, values.shape, "F32") for name, values in generated.items()), *laid_out]
     dense = GGUF_DENSE_TYPES[dtype] if dtype else default_dense(model)
     if quantize is None:
-        tensors, file_type = converter_types(tensors, dense, None), {"F32": "ALL_F32", "F16": "MOSTLY_F16",
+        laid_out, file_type = converter_types(laid_out, dense, None), {"F32": "ALL_F32", "F16": "MOSTLY_F16",
                                                                       "BF16": "MOSTLY_BF16"}[dense]
     elif quantize == "q8_0":
-        tensors, file_type = converter_types(tensors, dense, "Q8_0"), "MOSTLY_Q8_0"
+        laid_out, file_type = converter_types(laid_out, dense, "Q8_0"), "MOSTLY_Q8_0"
     else:
-        tensors, file_type = preset_types(tensors, quantize, block_count(hparams)), preset_file_type(quantize)
+        laid_out, file_type = preset_types(laid_out, quantize, block_count(hparams)), preset_file_type(quantize)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(model.path.name)
     family.parameters(writer, hparams, block_count(hparams), int(gguf.LlamaFileType[file_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    with tokenizer_folder(model) as folder:
+    with tokenizer_folder(model, config, companions) as folder:
         add_vocab(writer, folder, family.vocab, hparams.get("vocab_size"))
     if quantize not in (None, "q8_0"):  # llama-quantize sets these two last, moving them to the end
         for key in (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE):
             writer.remove_key(key)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_file_type(int(gguf.LlamaFileType[file_type]))
-    for tensor in tensors:
+    for tensor in laid_out:
         assert tensor.qtype is not None
         spec = TensorSpec(*GGUFEncoding(tensor.qtype, torch.float32).specs(tensor.name, tensor.shape)[0])
         writer.add_tensor_info(tensor.name, list(tensor.shape), np.dtype(np.float32), spec.nbytes,
@@ -150,13 +155,35 @@ def arrangement(model: HFModel, dtype: str | None, quantize: str | None) -> GGUF
     writer.write_ti_data_to_file()
     header = buffer.getvalue()
     fixed, merged = {0: header + bytes(_pad(len(header)))}, []
-    for tensor in tensors:  # the generated ones are small (one value per rotary pair): they travel with the plan
+    for tensor in laid_out:  # the generated ones are small (one value per rotary pair): they travel with the plan
         if tensor.hf_name:
             merged.append(tensor)
             continue
         values = generated[tensor.name].tobytes()
         fixed[len(merged)] = fixed.get(len(merged), b"") + values + bytes(_pad(len(values)))
     return GGUFArrangement(tuple(merged), tuple(sorted(fixed.items())))
+
+
+@dataclass
+class GGUFArranger:
+    """The planner's `Arrange` for `--format gguf`: each output laid out as the converter lays out the folder
+    `--format hf` would write (the merged config, tensors and tokenizer). Outputs of one pass (`--each`) that
+    agree on those share one header."""
+
+    model: HFModel
+    dtype: str | None
+    quantize: str | None
+    _made: dict[str, GGUFArrangement] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, planned: list[OutputTensor], config: dict[str, Any], adapters: tuple[tuple[Adapter, float], ...]
+                 ) -> tuple[list[OutputTensor], tuple[tuple[int, bytes], ...]]:
+        tensors = [(t.name, tuple(t.shape)) for t in planned]
+        files = output_companions(self.model.companion_files, adapters)
+        key = json.dumps([config, tensors, [str(f) for f in files]], sort_keys=True, default=str)
+        if key not in self._made:
+            self._made[key] = arrangement(self.model, config, tensors, files, self.dtype, self.quantize)
+        arranged = self._made[key]
+        return arranged.arrange(planned), arranged.fixed_bytes
 
 
 def gguf_options(metadata: dict[str, Any]) -> dict[str, Any]:

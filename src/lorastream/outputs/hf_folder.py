@@ -12,9 +12,9 @@ from ..dtypes import dtype_name
 from ..engine import ShardSink
 from ..formats.hf import SAFETENSORS_INDEX
 from ..formats.safetensors import ShardWriter
-from ..io.locations import Location, copy_file, location
+from ..io.locations import Location, copy_file
 from ..planner import Plan, Shard, skip_modules
-from ..vocabulary import TOKENIZER_FILES, updated_config
+from ..vocabulary import output_companions, updated_config
 from .base import PROVENANCE_FILE, safetensors_metadata, write_provenance
 
 
@@ -33,21 +33,10 @@ def write_companions(plan: Plan, folder: Location, record: dict[str, Any]) -> No
             if key in config or key == "dtype":
                 config[key] = dtype_name(plan.dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for path in plan.base.companion_files:
+    for path in output_companions(plan.base.companion_files, plan.adapters):  # the adapter's tokenizer wins
         if path.name != PROVENANCE_FILE:
             copy_file(path, folder / path.name)
-    for path in adapter_tokenizer_files(plan):  # the adapter's added tokens and chat template win
-        copy_file(path, folder / path.name)
     write_provenance(folder, record)
-
-
-def adapter_tokenizer_files(plan: Plan) -> list[Location]:
-    """The tokenizer files saved with the adapters (the last adapter's, where several have one)."""
-    files: dict[str, Location] = {}
-    for adapter, _ in plan.adapters:
-        folder = location(adapter.source)
-        files.update({p.name: p for p in folder.iterdir() if p.name in TOKENIZER_FILES and p.is_file()})
-    return list(files.values())
 
 
 def quantization_config(encoding: Encoding, skips: list[str]) -> dict[str, Any]:
