@@ -518,6 +518,39 @@ def test_weights_and_trained_on_go_through_the_same_plan(llama: Family, tmp_path
         assert lorastream.verify(llama.base, llama.adapter, out, **options).ok
 
 
+def build_nf4(root: str, base: str, adapter: str) -> None:
+    """`base` quantized to NF4 (double quant) by transformers + bitsandbytes, as a QLoRA base is saved, and PEFT's
+    merge onto bitsandbytes' own dequantization of it, saved with the base's tokenizer: the converter's input."""
+    from conftest import Case
+    from test_quantized import FOUR_BIT, peft_merge_on_dequantized, quantize
+    from transformers import LlamaForCausalLM
+
+    case = Case(Path(base), Path(adapter), torch.bfloat16, LlamaForCausalLM)
+    model = quantize(case.base, Path(root) / "base", **FOUR_BIT["nf4-double"])
+    merged = LlamaForCausalLM.from_pretrained(case.base, dtype=torch.bfloat16)
+    merged.load_state_dict(peft_merge_on_dequantized(case, model, torch.bfloat16))
+    merged.save_pretrained(Path(root) / "merged")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(case.base / name, Path(root) / "base" / name)
+        shutil.copy(case.base / name, Path(root) / "merged" / name)
+
+
+def test_nf4_base_equals_llama_cpp_on_peft_merge(llama: Family, tmp_path: Path) -> None:
+    """A QLoRA base saved in NF4: the GGUF equals the converter's (and llama-quantize's) on PEFT's merge onto
+    bitsandbytes' dequantization of it, and `verify` recomputes it."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_gguf; "
+            f"test_gguf.build_nf4({str(tmp_path)!r}, {str(llama.base)!r}, {str(llama.adapter)!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    family = Family(tmp_path / "base", llama.adapter, tmp_path / "merged", tmp_path)
+    assert "quantization_config" in json.loads((family.base / "config.json").read_text())
+    for qtype in ("bf16", "q4_k_m"):
+        out = tmp_path / f"ours-{qtype}.gguf"
+        merge(family, out, **({} if qtype == "bf16" else {"quantize": qtype}))
+        assert_same_gguf(out, family.reference(qtype))
+        assert sections(out)[2] != sections(llama.reference(qtype))[2]  # the NF4 rounding is in it
+        assert lorastream.verify(family.base, family.adapter, out).ok
+
+
 def test_unsupported_architecture_is_refused_in_one_line(make_case, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     case = make_case(tiny_gpt2(), target_modules=["c_attn"], r=4)
     run = subprocess.run([sys.executable, "-m", "lorastream", "merge", str(case.base), str(case.adapter), "-o",
