@@ -134,17 +134,27 @@ def sentencepiece_tokenizer() -> dict[str, bytes]:
     return {"tokenizer.model": model.getvalue(), "tokenizer_config.json": json.dumps(config).encode()}
 
 
+_BUILT: dict[str, Family] = {}
+
+
+def built(name: str, tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """Family `name`, built once per session."""
+    if name not in _BUILT:
+        _BUILT[name] = _family(tmp_path_factory.mktemp(f"gguf-{name}"), name)
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Family:
     """Llama with 256-wide rows (whole k-quant blocks), grouped-query attention (q/k permuted differently)."""
-    return _family(tmp_path_factory.mktemp("gguf-llama"), "llama")
+    return built("llama", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def qwen2(tmp_path_factory: pytest.TempPathFactory) -> Family:
     """Qwen2 with the real Qwen2 BPE tokenizer (rebuilt from llama.cpp's vocab file), q/k/v biases, tied
     embeddings (so llama-quantize treats token_embd as the output)."""
-    return _family(tmp_path_factory.mktemp("gguf-qwen2"), "qwen2")
+    return built("qwen2", tmp_path_factory)
 
 
 _SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
@@ -284,7 +294,7 @@ def test_other_families_equal_llama_cpp(name: str, qtypes: list[str], tmp_path_f
     """Mistral (Llama's layout), Qwen3 (q/k norms), Gemma 2/3 (norms stored as 1 + w, no lm_head), Phi-3 (fused
     qkv and gate_up, its own vocabulary rules), Phi-3 with long-context rope (two factor tensors the converter
     computes from config.json, and an attention factor key)."""
-    family = _family(tmp_path_factory.mktemp(f"gguf-{name}"), name)
+    family = built(name, tmp_path_factory)
     for qtype in qtypes:
         out = family.work / f"ours-{qtype}.gguf"
         merge(family, out, **({} if qtype == "bf16" else {"quantize": qtype}))
@@ -295,7 +305,7 @@ def test_other_families_equal_llama_cpp(name: str, qtypes: list[str], tmp_path_f
 def test_added_tokens_equal_llama_cpp(name: str, qtypes: list[str], tmp_path_factory: pytest.TempPathFactory) -> None:
     """A fine-tune that added tokens: the GGUF takes the adapter's tokenizer (its added and special tokens)
     and, for Llama, the resized vocabulary, as the converter does from the merged folder."""
-    family = _family(tmp_path_factory.mktemp(f"gguf-{name}"), name)
+    family = built(name, tmp_path_factory)
     for qtype in qtypes:
         out = family.work / f"ours-{qtype}.gguf"
         merge(family, out, **({} if qtype == "bf16" else {"quantize": qtype}))
@@ -314,7 +324,7 @@ import llama_cpp
 
 tokens = json.loads(sys.argv[1])
 for path in sys.argv[2:]:
-    model = llama_cpp.Llama(path, logits_all=True, verbose=False, n_ctx=64, n_threads=1)
+    model = llama_cpp.Llama(path, logits_all=True, verbose=False, n_ctx=max(64, len(tokens)), n_threads=1)
     model.eval(tokens)
     np.save(path + ".logits.npy", np.array(model.scores[: len(tokens)], dtype=np.float32))
 """
@@ -349,6 +359,24 @@ def test_llama_cpp_runs_the_outputs(llama: Family, tmp_path: Path) -> None:
         error = float(np.sqrt(np.mean((got - expected) ** 2))) / rms
         assert error <= tolerance, f"{qtype}: relative RMS error {error:.4f}"
     assert np.array_equal(logits[2], logits[3])
+
+
+def test_llama_cpp_runs_phi3_long_rope_as_transformers(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Phi-3 with long-context rope: llama.cpp, reading the rope factor tensors and attention factor lorastream
+    wrote, gives transformers' logits on PEFT's merged model (bf16 rounding only). Past the original context
+    (64) both take the long factors: transformers by the sequence's length, llama.cpp by its context's (which
+    it pads to 256, so it never takes the short factors here)."""
+    from transformers import AutoModelForCausalLM
+
+    family = built("phi3_long", tmp_path_factory)
+    tokens = [1, *torch.randint(3, 300, (99,), generator=torch.Generator().manual_seed(0)).tolist()]
+    expected = AutoModelForCausalLM.from_pretrained(family.merged, dtype=torch.float32)(
+        torch.tensor([tokens])).logits[0].detach().numpy()
+    out = family.work / "logits-bf16.gguf"
+    merge(family, out)
+    [got] = llama_cpp_logits([out], tokens)
+    error = float(np.sqrt(np.mean((got - expected) ** 2) / np.mean(expected ** 2)))
+    assert error <= 0.01, f"relative RMS error {error:.4f}"
 
 
 def test_smallest_row_blocks_write_the_same_file(llama: Family, tmp_path: Path, smallest_blocks: None) -> None:
@@ -441,7 +469,7 @@ def test_llama31_rope_frequencies_are_written_and_verified(tmp_path_factory: pyt
     """Llama 3.1's rope scaling (rope_type llama3): the converter computes a `rope_freqs` tensor from config.json
     (the first in its file; among the others by name in llama-quantize's); ours is the same, in the same place,
     and `verify` checks it (one byte changed there fails)."""
-    family = _family(tmp_path_factory.mktemp("gguf-llama31"), "llama31")
+    family = built("llama31", tmp_path_factory)
     for qtype in ("bf16", "q4_k_m"):
         out = tmp_path / f"{qtype}.gguf"
         merge(family, out, **({} if qtype == "bf16" else {"quantize": qtype}))
