@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import itertools
 import math
 import os
 from collections.abc import Callable
@@ -33,6 +34,9 @@ GGUF_EXTRA = "pip install 'lorastream[gguf]'"
 LIBRARY_ENV = "LORASTREAM_GGML_LIB"
 # ggml's k-quant types: quantized by ggml itself; gguf-py only dequantizes them.
 K_QUANTS = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})
+# ggml's quantizer takes a block in this many parts per core: queued behind the last block's, they keep every
+# core busy while that block's slowest part finishes.
+_PARTS_PER_THREAD = 4
 
 
 def gguf_module():  # type: ignore[no-untyped-def]
@@ -189,7 +193,7 @@ class GGUFEncoder:
         if qtype == "Q8_0" and (nbytes := kernels.quantize_q8_0(block, out)) is not None:
             return nbytes
         if qtype in K_QUANTS or ggml_available():
-            return self._ggml(block, out)
+            return self._ggml(block, out)()
         gguf = gguf_module()
         encoded = gguf.quants.quantize(block.numpy(), gguf.GGMLQuantizationType[qtype])
         nbytes = encoded.nbytes
@@ -197,32 +201,40 @@ class GGUFEncoder:
         return nbytes
 
     def encode_later(self, values: torch.Tensor, out: torch.Tensor) -> tuple[int, Callable[[], object]] | None:
-        """A k-quant block split in two: rounded and arranged now (into a buffer that belongs to `out`, so it lives
-        until `out` is written), and ggml's quantizer, the slow part of a k-quant merge, returned for the caller to
-        run later (the engine: on the writer's thread, beside the next block's merge), with the bytes it will
-        write. None for the other types, which `encode` handles at once."""
+        """A k-quant block, rounded and arranged now (into a buffer that belongs to `out`, so it lives until `out` is
+        written) and handed to ggml's quantizer, the slow part of a k-quant merge, on the quantizer threads; returns
+        the bytes it will write and the wait for them (the engine waits on the writer's thread, so the next
+        blocks are merged, and queued for ggml, meanwhile). None for the other types, which `encode` handles at
+        once."""
         if self.encoding.qtype not in K_QUANTS:
             return None
         block = self._arranged(values, out.data_ptr())
-        return block.shape[0] * row_bytes(self.encoding.qtype, block.shape[1]), lambda: self._ggml(block, out)
+        return block.shape[0] * row_bytes(self.encoding.qtype, block.shape[1]), self._ggml(block, out)
 
-    def _ggml(self, block: torch.Tensor, out: torch.Tensor) -> int:
-        """ggml's own quantizer (no importance matrix), straight into the output buffer, the rows split over the
-        machine's cores as llama-quantize splits them (ctypes releases the GIL; rows are independent)."""
+    def _ggml(self, block: torch.Tensor, out: torch.Tensor) -> Callable[[], int]:
+        """ggml's own quantizer (no importance matrix), straight into the output buffer, its rows in a few parts
+        per core (ctypes releases the GIL; rows are independent), queued behind the earlier blocks' parts so no
+        core waits for a block's last part; the wait for them."""
         rows, cols = block.shape
         size = row_bytes(self.encoding.qtype, cols)
         assert out.numel() >= rows * size and out.is_contiguous()
         library, qtype = ggml_library(), ggml_type(self.encoding.qtype)
-        parts = min(rows, kernels.quantizer_threads())
+        parts = min(rows, _PARTS_PER_THREAD * kernels.quantizer_threads())
         bounds = [rows * i // parts for i in range(parts + 1)]
 
         def quantize(low: int, high: int) -> int:
             return int(library.ggml_quantize_chunk(qtype, block[low:high].data_ptr(), out.data_ptr() + low * size, 0,
                                                    high - low, cols, None))
 
-        written = sum(kernels.quantizer_pool().map(quantize, bounds[:-1], bounds[1:]))
-        assert written == rows * size, f"ggml wrote {written} bytes, expected {rows * size}"
-        return written
+        pool = kernels.quantizer_pool()
+        futures = [pool.submit(quantize, low, high) for low, high in itertools.pairwise(bounds)]
+
+        def wait() -> int:
+            written = sum(future.result() for future in futures)
+            assert written == rows * size, f"ggml wrote {written} bytes, expected {rows * size}"
+            return written
+
+        return wait
 
     def statistics(self) -> list[bytes | bytearray]:
         return []
