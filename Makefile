@@ -36,7 +36,7 @@ llama-cpp: install
 
 # pytest exits 5 when no test ran: that fails `make test` like any other failure.
 test: install $(LITGPT_VENV)/bin/litgpt llama-cpp
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile
 	$(MAKE) lint docs package-check
 
 lint: install

@@ -2,13 +2,13 @@
 
     python benchmarks/gguf_route.py BASE ADAPTER --types bfloat16,q8_0,q4_k_m --work DIR [--max-memory 1GiB]
 
-The route is what people run today: merge to a 16-bit folder (lorastream, the fastest way there), then
-llama.cpp's `convert_hf_to_gguf.py` (straight to q8_0 for q8_0, else to the 16-bit type), then `llama-quantize`
-for the other presets. lorastream writes the GGUF in the merge's pass. Each step runs in a fresh process under
-`/usr/bin/time -v` (wall time, CPU time: user + system, which a machine shared with other work perturbs less,
-peak RSS); extra disk is everything a route leaves on disk at its peak (for the
-route: the merged folder, the 16-bit GGUF and the quantized GGUF). Both outputs are compared byte for byte
-(provenance keys aside) and the table says whether they are the same.
+The route is what people run today: merge to a 16-bit folder (lorastream, the fastest way there; one shard, as
+PEFT's `save_pretrained` writes it), then llama.cpp's `convert_hf_to_gguf.py` (straight to q8_0 for q8_0, else
+to the 16-bit type), then `llama-quantize` for the other presets. lorastream writes the GGUF in the merge's pass.
+Each step runs in a fresh process under `/usr/bin/time -v`, both merges from a warm page cache (wall time, CPU
+time: user + system, which a machine shared with other work perturbs less, peak RSS); extra disk is everything a
+route leaves on disk at its peak (for the route: the merged folder, the 16-bit GGUF and the quantized GGUF). Both
+outputs are compared byte for byte (provenance keys aside) and the table says whether they are the same.
 
 BASE needs a tokenizer llama.cpp's converter reads; one without `tokenizer.model` (the benchmark models of
 make_models.py carry a placeholder BPE tokenizer the converter does not recognise) is given a small
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import TIME_BIN, parse_time_report
+from run import TIME_BIN, parse_time_report, warm_page_cache
 
 LLAMA_CPP = Path(os.environ.get("LORASTREAM_CACHE") or Path.home() / ".cache" / "lorastream") / "llama.cpp"
 CONVERTER = LLAMA_CPP / "src" / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
@@ -65,7 +65,10 @@ def with_tokenizer(base: Path, work: Path) -> Path:
     copy.mkdir(parents=True)
     for path in base.iterdir():
         if path.is_file() and not path.name.startswith("tokenizer"):
-            (copy / path.name).symlink_to(path.resolve())
+            try:  # hard links: lorastream refuses an index naming shards that lead outside the model folder
+                (copy / path.name).hardlink_to(path.resolve())
+            except OSError:  # another filesystem
+                (copy / path.name).symlink_to(path.resolve())
     model = io.BytesIO()
     lines = [f"benchmark sentence {i}: merging adapters into models, streaming row blocks." for i in range(300)]
     sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=300,
@@ -80,6 +83,7 @@ def lorastream_gguf(base: Path, adapter: Path, kind: str, work: Path, budget: st
     out = work / f"lorastream-{kind}.gguf"
     out.unlink(missing_ok=True)
     option = ["--dtype", kind] if kind in OUTTYPES else ["--quantize", kind]
+    warm_page_cache([base, adapter])
     report = timed([sys.executable, "-m", "lorastream", "merge", str(base), str(adapter), "-o", str(out), "--format",
                     "gguf", *option, "--max-memory", budget, "--quiet"], work / f"lorastream-{kind}.log")
     return {**report, "cpu_s": report["user_s"] + report["sys_s"], "disk": out.stat().st_size}, out
@@ -90,8 +94,11 @@ def route(base: Path, adapter: Path, kind: str, work: Path, budget: str) -> tupl
     merged = work / "route-merged"
     if merged.exists():
         shutil.rmtree(merged)
+    # one shard up to 50GB, as transformers' save_pretrained writes PEFT's merged folder: the converter takes the
+    # tensors shard by shard, so the reference order is that of one shard (lorastream's default 5GB would split)
+    warm_page_cache([base, adapter])
     steps = [timed([sys.executable, "-m", "lorastream", "merge", str(base), str(adapter), "-o", str(merged),
-                    "--max-memory", budget, "--quiet"], work / "route-merge.log")]
+                    "--max-memory", budget, "--max-shard-size", "50GB", "--quiet"], work / "route-merge.log")]
     for path in base.iterdir():  # the tokenizer the converter reads
         if path.name.startswith("tokenizer") and not (merged / path.name).exists():
             shutil.copy(path, merged / path.name)

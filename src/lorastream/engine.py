@@ -365,6 +365,8 @@ class _TargetMerge:
         self.needs_column_norms = self.magnitude is not None and self.deltas[0].transposed
         self.column_factors: torch.Tensor | None = None
         self.encoder = tensor.encoding.encoder(tensor.shape) if tensor.encoding is not None else None
+        # a k-quant GGUF encoder hands its slow part to the quantizer threads (see GGUFEncoder.encode_later)
+        self.encode_later = getattr(self.encoder, "encode_later", None) if merger.buf.staging is None else None
 
     def write_block(self, rows: torch.Tensor, start: int, stop: int) -> int:
         """Merge this output's deltas into the block's `rows`, encode, hand to the writer; the bytes written."""
@@ -386,9 +388,7 @@ class _TargetMerge:
                 raise InputError(f"{self.t.source.path}: merged tensor {self.t.name!r} has NaN or Inf values "
                                  f"(rows {start}-{stop}); the adapter or base is broken. Pass "
                                  "--allow-nonfinite to keep them")
-            # a k-quant GGUF encoder hands its slow part to the writer's lane (see GGUFEncoder.encode_later)
-            later = getattr(self.encoder, "encode_later", None) if staging is None else None
-            deferred = later(work, target) if later is not None else None
+            deferred = self.encode_later(work, target) if self.encode_later is not None else None
             if deferred is not None:
                 nbytes, encode = deferred
                 out.write(self.lane, self.sink, nbytes, encode)
