@@ -598,10 +598,3 @@ def test_bad_combinations_are_refused(llama: Family, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="--overwrite"):
         merge(llama, tmp_path / "exists.gguf")
 
-
-def test_litgpt_runs_are_refused() -> None:
-    from lorastream.inputs.litgpt import output_format
-    from lorastream.options import MergeOptions
-
-    with pytest.raises(InputError, match="--format hf, then write the GGUF"):
-        output_format(MergeOptions(format="gguf"))
