@@ -593,6 +593,20 @@ def test_unsupported_architecture_is_refused_in_one_line(make_case, tmp_path: Pa
     assert not (tmp_path / "out.gguf").exists()
 
 
+def test_an_unreadable_tokenizer_is_refused_in_one_line(llama: Family, tmp_path: Path) -> None:
+    """A damaged tokenizer.model, or a placeholder tokenizer.json: exit 2, one line naming the base and its
+    tokenizer files, nothing written."""
+    for name, data in (("tokenizer.model", b"not a sentencepiece model"), ("tokenizer.json", b"{}")):
+        base = tmp_path / name / "base"
+        shutil.copytree(llama.base, base, ignore=shutil.ignore_patterns("tokenizer.model"))
+        (base / name).write_bytes(data)
+        run = subprocess.run([sys.executable, "-m", "lorastream", "merge", str(base), str(llama.adapter), "-o",
+                              str(tmp_path / name / "out.gguf"), "--format", "gguf"], capture_output=True, text=True)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1 and f"{base}: its tokenizer ({name}" in run.stderr
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["base"]
+
+
 def test_bad_combinations_are_refused(llama: Family, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"name it OUT\.gguf"):
         merge(llama, tmp_path / "folder")

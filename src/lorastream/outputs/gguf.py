@@ -136,7 +136,7 @@ def arrangement(model: HFModel, config: dict[str, Any], tensors: list[tuple[str,
     family.parameters(writer, hparams, block_count(hparams), int(gguf.LlamaFileType[file_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     with tokenizer_folder(model, config, companions) as folder:
-        add_vocab(writer, folder, family.vocab, hparams.get("vocab_size"))
+        add_vocab(writer, folder, family.vocab, hparams.get("vocab_size"), model.path)
     if quantize not in (None, "q8_0"):  # llama-quantize sets these two last, moving them to the end
         for key in (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE):
             writer.remove_key(key)

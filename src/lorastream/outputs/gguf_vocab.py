@@ -171,8 +171,21 @@ def _add_bpe(writer: Any, folder: Path, vocab_size: int | None) -> None:
     gguf.SpecialVocab(folder, load_merges=True).add_to_gguf(writer, quiet=True)
 
 
-def add_vocab(writer: Any, folder: Path, kind: str, vocab_size: int | None) -> None:
-    """Write the tokenizer keys for a family's `kind` of vocabulary (see `gguf_layout.Family`)."""
+def add_vocab(writer: Any, folder: Path, kind: str, vocab_size: int | None, where: object) -> None:
+    """Write the tokenizer keys for a family's `kind` of vocabulary (see `gguf_layout.Family`), read from `folder`
+    (the files of `where`). A tokenizer the readers cannot take (a placeholder tokenizer.json, a damaged
+    tokenizer.model) is refused in one line: the readers are other libraries, each failing its own way."""
+    try:
+        _add_vocab(writer, folder, kind, vocab_size)
+    except InputError:
+        raise
+    except Exception as exc:
+        files = sorted(p.name for p in folder.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges")))
+        raise InputError(f"{where}: its tokenizer ({', '.join(files) or 'no tokenizer files'}) cannot be read "
+                         f"({type(exc).__name__}: {exc}); a GGUF needs the model's own tokenizer files") from None
+
+
+def _add_vocab(writer: Any, folder: Path, kind: str, vocab_size: int | None) -> None:
     sentencepiece = (folder / "tokenizer.model").is_file()
     if kind == "llama":
         config = _read_json(folder / "tokenizer_config.json")
