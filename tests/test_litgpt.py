@@ -366,8 +366,15 @@ def test_trained_on_merges_into_the_base_bitsandbytes_round_trips(litgpt_cases: 
     recorded = api.merge_litgpt(tmp_path / "nf4-run", tmp_path / "nf4-out", trained_on="nf4")
     assert api.verify_litgpt(tmp_path / "nf4-run", recorded.out_dir).ok  # --trained-on taken from lorastream.json
     assert not api.verify_litgpt(tmp_path / "nf4-run", recorded.out_dir, trained_on="fp4").ok
-    with pytest.raises(InputError, match="--format litgpt"):
-        api.plan_litgpt(tmp_path / "nf4-run", tmp_path / "hf", format="hf", trained_on="nf4")
+    # --format hf: the fused qkv round-tripped whole, then split; the same as the export of the merge into the
+    # round-tripped base (which equals `litgpt convert_from_litgpt`'s, see the export tests)
+    for quant_type in variants:
+        trained = api.merge_litgpt(tmp_path / f"{quant_type}-run", tmp_path / f"{quant_type}-hf", format="hf",
+                                   trained_on=quant_type)
+        reference = api.merge_litgpt(tmp_path / f"{quant_type}-run", tmp_path / f"{quant_type}-hf-reference",
+                                     base=tmp_path / f"{quant_type}-base", format="hf")
+        assert_identical(load_output(trained.out_dir), load_output(reference.out_dir))
+        assert api.verify_litgpt(tmp_path / f"{quant_type}-run", trained.out_dir).ok
     with pytest.raises(InputError, match="--format hf"):
         api.plan_litgpt(tmp_path / "nf4-run", quantize="nf4")
 
@@ -464,5 +471,7 @@ def test_gguf_equals_llama_cpp_on_the_hf_export(litgpt_cases: Path, tmp_path: Pa
     assert_same_gguf(tmp_path / "q8.gguf", llama_cpp.reference("q8_0"))
     with pytest.raises(InputError, match="needs an output file"):
         api.merge_litgpt(run, None, base=base, format="gguf")
-    with pytest.raises(InputError, match="--trained-on needs --format litgpt"):
-        api.merge_litgpt(run, tmp_path / "t.gguf", base=base, format="gguf", trained_on="nf4")
+    trained = tmp_path / "trained.gguf"
+    api.merge_litgpt(run, trained, base=base, format="gguf", trained_on="nf4")
+    assert api.verify_litgpt(run, trained, base=base, trained_on="nf4").ok
+    assert not api.verify_litgpt(run, trained, base=base).ok  # the dense merge is another file

@@ -25,7 +25,7 @@ from .dtypes import dtype_name
 from .errors import InputError
 from .formats.hf import HFModel, read_json
 from .formats.litgpt import CONFIG_FILE, Attention, join_ranges
-from .formats.stored_rows import StoredRows, slice_rows
+from .formats.stored_rows import SourceRows, StoredRows, slice_rows
 from .litgpt_families import Family, family_of
 
 _LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)\.(weight|bias)$")
@@ -151,9 +151,10 @@ def _remap(lora: LoraModule, placements: list[Placement], rows: int) -> dict[str
     return found
 
 
-def hf_view(base: HFModel, adapter: Adapter, dtype: torch.dtype,
-            companions: tuple[Path, ...]) -> tuple[HFModel, Adapter]:
-    """The base and adapter under Hugging Face names, with a config.json for transformers.
+def hf_view(base: HFModel, adapter: Adapter, dtype: torch.dtype, companions: tuple[Path, ...],
+            trained_on: Bnb4Encoding | None = None) -> tuple[HFModel, Adapter]:
+    """The base and adapter under Hugging Face names, with a config.json for transformers; with `trained_on`, the
+    linear weights as QLoRA training saw them (see `_trained_on_sources`).
 
     A family whose Hugging Face model ties lm_head to the embedding (Gemma, Phi-4-mini) gets no lm_head, as from
     litgpt's converter, unless the LoRA changes lm_head: then it is written and untied (litgpt's converter would
@@ -175,10 +176,37 @@ def hf_view(base: HFModel, adapter: Adapter, dtype: torch.dtype,
     hf_adapter = dataclasses.replace(adapter, modules=modules)
     changed = _targets_of(hf_adapter)
     sources = {name: _source(name, taken, dtype if name in changed else None) for name, taken in pieces.items()}
+    if trained_on is not None:
+        sources.update(_trained_on_sources(base, placements, trained_on, dtype, changed_lit, sources))
     config = hf_config(base.config, family, attention, tied="lm_head.weight" not in sources, dtype=dtype,
                        original=next((read_json(p) for p in companions if p.name == "config.json"), {}))
     kept = tuple(p for p in companions if p.name not in ("config.json", CONFIG_FILE))
     return dataclasses.replace(base, config=config, sources=sources, companion_files=kept), hf_adapter
+
+
+def _trained_on_sources(base: HFModel, placements: dict[str, list[Placement]], trained_on: Bnb4Encoding,
+                        dtype: torch.dtype, targets: set[str], plain: dict[str, Source]) -> dict[str, Source]:
+    """The Hugging Face tensors made of LitGPT linear weights, read as QLoRA training saw those: each LitGPT weight
+    round-tripped whole, as `litgpt_view` reads it (double quantization's statistics span the whole fused qkv),
+    then split or stacked as its rows are placed."""
+    parts: dict[str, list[tuple[int, Source, int, int]]] = {}
+    for name, placed in placements.items():
+        ref = base.tensors[name]
+        if not is_linear_weight(name, ref):
+            continue
+        source = RoundTripSource(ref, trained_on, dtype if name in targets else None)
+        for placement in placed:
+            at = placement.at
+            for start, stop in placement.ranges or [(0, ref.shape[0])]:
+                parts.setdefault(placement.name, []).append((at, source, start, stop))
+                at += stop - start
+    joined = {hf_name: SourceRows(hf_name, tuple((s, a, b) for _, s, a, b in sorted(entries, key=lambda e: e[0])))
+              for hf_name, entries in parts.items()}
+    for hf_name, source in joined.items():
+        if source.shape != plain[hf_name].shape:
+            raise InputError(f"{base.path}: {hf_name} joins linear weights with other tensors; --trained-on cannot "
+                             "read it as training saw it: merge to --format litgpt")
+    return joined
 
 
 def hf_config(c: dict[str, Any], family: Family, attention: Attention, *, tied: bool, dtype: torch.dtype,

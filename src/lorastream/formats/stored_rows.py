@@ -7,14 +7,19 @@ splitting or reordering rows of a checkpoint costs no copy until the engine read
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..codecs.plain import TensorRef
 from ..device import CPU
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..codecs import Source
 
 
 def slice_rows(ref: TensorRef, start: int, stop: int) -> TensorRef:
@@ -96,3 +101,85 @@ class StoredRows:
             piece_start += piece.numel
         rows = torch.frombuffer(buffer, dtype=self.stored_dtype, count=end - first).view(stop - start, cols)
         return rows.to(device, self.dtype)
+
+
+@dataclass(frozen=True)
+class SourceRows:
+    """Row ranges of other sources joined along dimension 0, read through those sources: what `StoredRows` is for
+    stored bytes, for sources that compute their rows (a LitGPT weight as QLoRA training saw it, its fused qkv
+    split into Hugging Face's q, k and v). Each part is (source, first row, end row)."""
+
+    name: str
+    parts: tuple[tuple[Source, int, int], ...]
+
+    def __post_init__(self) -> None:
+        first, at = self.parts[0][0], 0
+        for source, start, stop in self.parts:
+            if source.dtype != first.dtype or source.shape[1:] != first.shape[1:]:
+                raise InputError(f"{source.path}: {source.name!r} {source.dtype} {list(source.shape)} cannot be "
+                                 f"joined with {first.name!r} {first.dtype} {list(first.shape)}")
+            if start % source.row_alignment or at % source.row_alignment:
+                raise InputError(f"{source.path}: rows {start}-{stop} of {source.name!r} do not start on its "
+                                 f"{source.row_alignment}-row blocks; its quantization blocks straddle the split")
+            at += stop - start
+
+    @property
+    def path(self) -> Path:
+        return self.parts[0][0].path
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0][0].dtype
+
+    @property
+    def dense_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (sum(stop - start for _, start, stop in self.parts), *self.parts[0][0].shape[1:])
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def row_elements(self) -> int:
+        return self.parts[0][0].row_elements
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.row_elements
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(source.stored_bytes * (stop - start) // max(1, source.rows) for source, start, stop in self.parts)
+
+    @property
+    def row_alignment(self) -> int:
+        return math.lcm(*(source.row_alignment for source, _, _ in self.parts))
+
+    @property
+    def decode_bytes_per_element(self) -> int:
+        """The largest part's decoding, plus the joined copy the block is assembled in."""
+        return max(source.decode_bytes_per_element for source, _, _ in self.parts) + self.dtype.itemsize
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(getattr(source, "resident_bytes", 0) for source in {id(s): s for s, _, _ in self.parts}.values())
+
+    @property
+    def uses_kernels(self) -> bool:
+        return any(getattr(source, "uses_kernels", False) for source, _, _ in self.parts)
+
+    def read_rows(self, start: int, stop: int, buffer: memoryview, device: torch.device = CPU) -> torch.Tensor:
+        """Each overlapping part read through its source (which may use `buffer`), copied into the block."""
+        block = torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype, device=device)
+        at = 0
+        for source, first, end in self.parts:
+            low, high = max(start, at), min(stop, at + end - first)
+            if low < high:
+                block[low - start:high - start].copy_(source.read_rows(first + low - at, first + high - at, buffer,
+                                                                       device))
+            at += end - first
+        return block

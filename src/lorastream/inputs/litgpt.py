@@ -70,15 +70,13 @@ def plan(run: LoraRun, base: HFModel, folder: Path, options: MergeOptions) -> Pl
     The merged dtype is `litgpt merge_lora`'s, the LoRA weights' one, unless `--dtype` is given (for a GGUF,
     `--dtype` picks its dense type instead); LoRA updates are computed and added in it, as LitGPT does.
     `--quantize` (format hf or gguf) writes linear weights in bitsandbytes' format or a GGUF preset;
-    `--trained-on` (format litgpt only) merges into the base as QLoRA training saw it, with double
-    quantization as the run's `quantize` says (`bnb.nf4-dq`) unless `--double-quant` is given.
+    `--trained-on` merges into the base as QLoRA training saw it (each LitGPT linear weight, the fused qkv
+    whole, through bitsandbytes 4-bit, before a Hugging Face layout splits it), with double quantization as the
+    run's `quantize` says (`bnb.nf4-dq`) unless `--double-quant` is given.
     """
     fmt = output_format(options)
     if options.quantize is not None and fmt == "litgpt":
         raise InputError("--quantize needs --format hf or gguf: lit_model.pth holds dense weights only")
-    if options.trained_on is not None and fmt != "litgpt":
-        raise InputError(f"--trained-on needs --format litgpt (the fused qkv is quantized whole, before --format "
-                         f"{fmt} splits it); merge to lit_model.pth and convert it with `litgpt convert_from_litgpt`")
     gguf = fmt == "gguf"
     if gguf:
         check_types(options.dtype, options.quantize)
@@ -93,7 +91,7 @@ def plan(run: LoraRun, base: HFModel, folder: Path, options: MergeOptions) -> Pl
         view = dataclasses.replace(litgpt_view(base, adapter, merged, trained_on),  # type: ignore[arg-type]
                                    companion_files=run.companions(base))
     else:
-        view, adapter = hf_view(base, adapter, merged, run.companions(base))
+        view, adapter = hf_view(base, adapter, merged, run.companions(base), trained_on)
     output = ({"arrange": GGUFArranger(view, options.dtype, options.quantize), "single_file": STAGED_NAME} if gguf
               else {"quantize": encoding_for(options.quantize, options.double_quant, merged)})
     job = make_plan(view, [(adapter, 1.0)], folder,
