@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -159,3 +160,19 @@ def test_each_with_transposed_dora_reads_its_norm_pass_in_schedule(tmp_path: Pat
         alone = api.merge(dora.base, adapter, tmp_path / "alone" / adapter.name, max_memory=IN_PROCESS_BUDGET).out_dir
         names = sorted(p.name for p in alone.iterdir())
         assert filecmp.cmpfiles(alone, tmp_path / "each" / adapter.name, names, shallow=False)[1:] == ([], [])
+
+
+def test_an_adapter_laid_out_unlike_the_first_is_refused_naming_the_difference(three: tuple[Path, list[Path]],
+                                                                                tmp_path: Path) -> None:
+    """An adapter that resizes the vocabulary cannot share the pass: the refusal names the tensor and both shapes."""
+    base, adapters = three
+    resized = build_case(tmp_path / "build", tiny_llama(), torch.bfloat16, r=4, target_modules=["q_proj"],
+                         modules_to_save=["embed_tokens", "lm_head"],
+                         prepare=lambda model: model.resize_token_embeddings(392)).adapter
+    with pytest.raises(InputError) as refused:
+        api.merge_each(base, [adapters[0], resized], tmp_path / "out", max_memory=IN_PROCESS_BUDGET)
+    message = str(refused.value)
+    assert str(resized) in message and "alpha" in message and "on its own" in message
+    assert re.search(r"has (lm_head|model\.embed_tokens)\.weight \[392, 64\] \(\d+ bytes\), against \[384, 64\]",
+                     message), message
+    assert not (tmp_path / "out").exists()

@@ -16,9 +16,11 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lorastream
 from lorastream.codecs import bnb4
-from lorastream.codecs.bnb4 import Bnb4Source, Quantizer4
+from lorastream.codecs.bnb4 import Bnb4Encoding, Bnb4Source, Quantizer4, RoundTripSource
 from lorastream.codecs.int8 import Int8Source
+from lorastream.codecs.plain import BUFFER_SLACK
 from lorastream.formats.hf import open_hf_model
+from lorastream.formats.stored_rows import SourceRows
 
 FOUR_BIT = {
     "nf4-double": dict(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
@@ -312,3 +314,27 @@ def test_double_quant_statistics_do_not_depend_on_the_engines_thread_count(monke
     finally:
         torch.set_num_threads(threads)
     assert plain_means_differ, "no seed shows the thread-count effect; the test would pass without the fix"
+
+
+def test_a_block_decodes_into_the_read_buffer_with_the_bits_of_a_fresh_decode(case: Case, tmp_path: Path) -> None:
+    """Each kind of source decodes a block into the reader's buffer when it has `buffer_bytes_per_element`
+    (fresh block-sized tensors are page faults that cost as much as the decode), and to the same bits into fresh
+    memory when the buffer holds only the stored bytes."""
+    quantize(case.base, tmp_path / "nf4", **FOUR_BIT["nf4-double"])
+    quantize(case.base, tmp_path / "int8", load_in_8bit=True)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    dense = open_hf_model(case.base).sources
+    round_trips = [RoundTripSource(dense[n], Bnb4Encoding("nf4", True, torch.bfloat16))
+                   for n in (name, name.replace("q_proj", "o_proj"))]
+    sources = {"nf4": open_hf_model(tmp_path / "nf4").sources[name],
+               "int8": open_hf_model(tmp_path / "int8").sources[name],
+               "round trip": round_trips[0],
+               "joined round trips": SourceRows("joined", ((round_trips[0], 64, 128), (round_trips[1], 0, 64)))}
+    for kind, source in sources.items():
+        roomy = bytearray(source.numel * source.buffer_bytes_per_element + BUFFER_SLACK)
+        decoded = source.read_rows(0, source.rows, memoryview(roomy))
+        start = torch.frombuffer(roomy, dtype=torch.uint8).data_ptr()
+        assert start <= decoded.data_ptr() < start + len(roomy), kind
+        fresh = source.read_rows(0, source.rows, memoryview(bytearray(source.stored_bytes)))
+        assert torch.equal(decoded, fresh), kind
+        assert source.buffer_bytes_per_element <= source.decode_bytes_per_element, kind  # the planner's bound

@@ -22,12 +22,12 @@ from typing import Protocol
 
 import torch
 
-from .codecs import Source, buffer_bytes_per_element
-from .codecs.plain import TensorRef
+from .codecs import Source
+from .codecs.plain import BUFFER_SLACK, TensorRef
 from .device import CPU, Accelerator
 from .errors import InputError, ResourceError
 from .io.locations import RemotePath
-from .lora_product import lora_mm
+from .lora_product import lora_mm, upcast
 from .memory import format_size, keep_heap_bounded
 from .planner import MIN_BLOCK_ROWS, Delta, OutputTensor, Plan, Shard, layout
 
@@ -220,6 +220,8 @@ class _LoadedDelta:
     transposed: bool
     row_offset: int | None
     round_to: torch.dtype | None = None  # PEFT's ParamWrapper casts its update to the weight's dtype before adding it
+    a32: torch.Tensor | None = None  # the factors in float32 for `lora_mm`, made once rather than per block
+    b32: torch.Tensor | None = None
 
     @classmethod
     def load(cls, delta: Delta, device: torch.device, weight_dtype: torch.dtype) -> _LoadedDelta:
@@ -232,8 +234,8 @@ class _LoadedDelta:
         if lora.out_rows is not None:
             b = b[lora.out_rows[0]:lora.out_rows[1]]
         round_to = weight_dtype if lora.parameter is not None and weight_dtype != torch.float32 else None
-        return cls(a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous(), delta.scale, delta.transposed,
-                   lora.row_offset, round_to)
+        a, b = a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous()
+        return cls(a, b, delta.scale, delta.transposed, lora.row_offset, round_to, upcast(a), upcast(b))
 
     def _scaled(self, product: torch.Tensor) -> torch.Tensor:
         product.mul_(self.scale)
@@ -247,18 +249,18 @@ class _LoadedDelta:
         rows = last - first
         if self.transposed:
             cols = self.b.shape[0]
-            product = lora_mm(self.b, self.a[:, first:last],
-                              scratch.view(self.a.dtype)[: rows * cols].view(cols, rows)).T
+            product = lora_mm(self.b, self.a[:, first:last], scratch.view(self.a.dtype)[: rows * cols].view(cols, rows),
+                              self.b32, None if self.a32 is None else self.a32[:, first:last]).T
         else:
             cols = self.a.shape[1]
-            product = lora_mm(self.b[first:last], self.a,
-                              scratch.view(self.a.dtype)[: rows * cols].view(rows, cols))
+            product = lora_mm(self.b[first:last], self.a, scratch.view(self.a.dtype)[: rows * cols].view(rows, cols),
+                              None if self.b32 is None else self.b32[first:last], self.a32)
         return self._scaled(product)
 
     def add_rows(self, work: torch.Tensor, scratch: torch.Tensor, start: int, stop: int) -> None:
         """work += the update's rows [start, stop)."""
         if self.row_offset is None:
-            work.add_(self._product(scratch, start, stop))
+            _accumulate(work, self._product(scratch, start, stop))
             return
         self._add_part_rows(work, scratch, start, stop)
 
@@ -275,7 +277,23 @@ class _LoadedDelta:
         first = max(offset, min(low, offset + part_rows - MIN_BLOCK_ROWS))
         last = max(high, min(first + MIN_BLOCK_ROWS, offset + part_rows))
         product = self._product(scratch, first - offset, last - offset)
-        work[low - start:high - start].add_(product[low - first:high - first])
+        _accumulate(work[low - start:high - start], product[low - first:high - first])
+
+
+# A float32 += bfloat16 (or float16) add on the CPU first converts the whole operand into a temporary. Row chunks
+# of at most this many elements keep that temporary under glibc's lowered mmap threshold (`keep_heap_bounded`):
+# reused heap memory rather than fresh pages for every block, whose page faults cost 7x the add itself.
+_MIXED_ADD_ELEMENTS = 1 << 15
+
+
+def _accumulate(work: torch.Tensor, product: torch.Tensor) -> None:
+    """work += product, rows [n, n + step) at a time when the dtypes differ on the CPU."""
+    if product.dtype == work.dtype or work.device.type != "cpu":
+        work.add_(product)
+        return
+    step = max(1, _MIXED_ADD_ELEMENTS // max(1, work.shape[1]))
+    for row in range(0, work.shape[0], step):
+        work[row:row + step].add_(product[row:row + step])
 
 
 class _Work:
@@ -501,14 +519,14 @@ def write_outputs(plans: Sequence[Plan], open_sink: Callable[[int, Shard], Shard
     keep_heap_bounded()
     elements = plans[0].memory.block_elements
     decoded = [t for plan in plans for t in plan.tensors if not t.is_copy] or [t for p in plans for t in p.tensors]
-    stored = max(buffer_bytes_per_element(t.source) for t in decoded)
+    stored = max(t.source.buffer_bytes_per_element for t in decoded)
     steps = _steps(plans, finished, allow_nonfinite)
     out_bytes = elements * max(max(t.dtype.itemsize for t in decoded), 1)
     work = _Work(elements if any(t.needs_fp32 for t in decoded) else 0, out_bytes, accelerator)
     threads, merging = torch.get_num_threads(), merge_threads()
     torch.set_num_threads(merging)
     reader = _ReadAhead((read for step in steps for _, merges in step.positions for m in merges for read in m.reads()),
-                        elements * stored, work.device, merging)
+                        elements * stored + BUFFER_SLACK, work.device, merging)
     out = _WriteBehind(out_bytes, len(plans) + 1, len(plans))
     try:
         for step in steps:

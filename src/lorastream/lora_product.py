@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import torch
 
@@ -28,31 +29,50 @@ CHUNK_ELEMENTS = 1 << 18
 REDUCED = (torch.bfloat16, torch.float16)
 
 
-def lora_mm(b: torch.Tensor, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`torch.mm(b, a, out=out)`, bit for bit."""
+def upcast(factor: torch.Tensor) -> torch.Tensor | None:
+    """`factor` in float32 where `lora_mm` multiplies its dtype through grouped float32 sums, else None: a caller
+    multiplying the same factors block after block keeps them, rather than have every product upcast again."""
+    grouped = factor.device.type == "cpu" and factor.dtype in REDUCED and _matches_torch(factor.dtype)
+    return factor.float() if grouped else None
+
+
+def lora_mm(b: torch.Tensor, a: torch.Tensor, out: torch.Tensor,
+            b32: torch.Tensor | None = None, a32: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch.mm(b, a, out=out)`, bit for bit; `b32` and `a32` are the factors' `upcast`, when the caller has them."""
     if b.device.type != "cpu" or b.dtype not in REDUCED or not _matches_torch(b.dtype):
         return torch.mm(b, a, out=out)
-    return _grouped_mm(b, a, out)
+    return _grouped_mm(b.float() if b32 is None else b32, a.float() if a32 is None else a32, out)
 
 
-def _grouped_mm(b: torch.Tensor, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    rank, cols = a.shape
+_scratch = threading.local()
+
+
+def _chunk_buffers(elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float32 buffers of at least `elements`, kept per thread: fresh ones for every block are page faults
+    (above glibc's lowered mmap threshold, see `memory.keep_heap_bounded`) that cost more than the product."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None or buffers[0].numel() < elements:
+        buffers = _scratch.buffers = (torch.empty(elements), torch.empty(elements))
+    return buffers
+
+
+def _grouped_mm(b32: torch.Tensor, a32: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    rank, cols = a32.shape
     full = rank - rank % PARTIALS
-    a32 = a.float()
     step = max(1, CHUNK_ELEMENTS // max(1, cols))
-    total = torch.empty(min(step, b.shape[0]), cols)
-    part = torch.empty_like(total)
-    for start in range(0, b.shape[0], step):
-        b32 = b[start:start + step].float()
-        acc, extra = total[:len(b32)], part[:len(b32)]
+    total, part = _chunk_buffers(min(step, b32.shape[0]) * cols)
+    for start in range(0, b32.shape[0], step):
+        rows = min(step, b32.shape[0] - start)
+        chunk = b32[start:start + rows]
+        acc, extra = total[:rows * cols].view(rows, cols), part[:rows * cols].view(rows, cols)
         acc.zero_()  # ATen starts every partial sum at +0.0, so a sum of -0.0 products is +0.0
         if full:
-            acc.addmm_(b32[:, 0:full:PARTIALS], a32[0:full:PARTIALS])
+            acc.addmm_(chunk[:, 0:full:PARTIALS], a32[0:full:PARTIALS])
         for i in range(full, rank):
-            acc.addmm_(b32[:, i:i + 1], a32[i:i + 1])
+            acc.addmm_(chunk[:, i:i + 1], a32[i:i + 1])
         for k in range(1, PARTIALS if full else 1):
-            acc.add_(torch.mm(b32[:, k:full:PARTIALS], a32[k:full:PARTIALS], out=extra))
-        out[start:start + len(b32)].copy_(acc)
+            acc.add_(torch.mm(chunk[:, k:full:PARTIALS], a32[k:full:PARTIALS], out=extra))
+        out[start:start + rows].copy_(acc)
     return out
 
 
@@ -70,9 +90,9 @@ def _matches_torch(dtype: torch.dtype) -> bool:
         a = torch.randn(rank, 300, generator=generator).to(dtype)
         b[::3] = 0  # untrained rows: every product a signed zero
         a[:, ::7] = -a[:, ::7].abs()
-        for right in (a, a[:, 5:250]):  # the engine multiplies a column slice of A for a transposed delta
-            expected = torch.mm(b, right)
-            got = _grouped_mm(b, right, torch.empty_like(expected))
+        for cols in (slice(None), slice(5, 250)):  # the engine multiplies a column slice of A for a transposed delta
+            expected = torch.mm(b, a[:, cols])
+            got = _grouped_mm(b.float(), a.float()[:, cols], torch.empty_like(expected))
             same &= torch.equal(expected.view(torch.int16), got.view(torch.int16))
     log.debug("LoRA product in %s: %s", dtype, "grouped float32 sums" if same else "torch.mm")
     return same

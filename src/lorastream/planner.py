@@ -620,8 +620,9 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
             tensors, fixed_bytes = arrange(tensors, updated_config(base.config, vocab, untie), frozen)
         shards = (Shard(single_file, tuple(tensors)),) if single_file else _shards(tensors, max_shard_size)
         if planned and layout(shards) != layout(planned[0][3]):
-            raise InputError(f"{frozen[0][0].source}: adds tensors the base does not have, so its output is laid "
-                             "out unlike the others'; merge it on its own")
+            raise InputError(f"{frozen[0][0].source}: its output {_layout_difference(shards, planned[0][3])} "
+                             f"{planned[0][0][0][0].source}'s; one pass writes outputs laid out alike, so merge it "
+                             "on its own")
         planned.append((frozen, targets, tensors, shards, vocab, untie, fixed_bytes))
     measured = baseline() if callable(baseline) else baseline
     memory = _memory_plan([p[2] for p in planned], budget, measured, io_buffers, gpu_budget, gpu_libraries)
@@ -635,6 +636,21 @@ def make_plans(base: HFModel, jobs: Sequence[list[tuple[Adapter, float]]], out_d
 def layout(shards: Sequence[Shard]) -> list[tuple[str, list[tuple[str, int]]]]:
     """Every shard's file name with its tensors' names and sizes: what one pass needs its outputs to share."""
     return [(s.filename, [(t.name, t.nbytes) for t in s.tensors]) for s in shards]
+
+
+def _layout_difference(shards: Sequence[Shard], first: Sequence[Shard]) -> str:
+    """How an output's tensors differ from the first output's of an `--each` pass, in words (the first
+    difference: an added or missing tensor, a resized one, such as a resized vocabulary, or the shards' split)."""
+    ours = {t.name: (list(t.shape), t.nbytes) for s in shards for t in s.tensors}
+    theirs = {t.name: (list(t.shape), t.nbytes) for s in first for t in s.tensors}
+    if added := [name for name in ours if name not in theirs]:
+        return f"has {len(added)} tensor(s) ({', '.join(added[:3])}) that are not in"
+    if missing := [name for name in theirs if name not in ours]:
+        return f"lacks {len(missing)} tensor(s) ({', '.join(missing[:3])}) that are in"
+    for name, (shape, nbytes) in ours.items():
+        if (shape, nbytes) != theirs[name]:
+            return f"has {name} {shape} ({nbytes} bytes), against {theirs[name][0]} ({theirs[name][1]} bytes) in"
+    return "splits its tensors into shards otherwise than"
 
 
 def describe_shortfall(plan: Plan, *others: Plan) -> str | None:

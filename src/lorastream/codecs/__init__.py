@@ -6,6 +6,8 @@ A source is anything the engine can read rows of, decoded:
   `rows`, `row_elements`, `numel`, `stored_bytes`;
 - `row_alignment`: row blocks must start at multiples of it (quantization blocks are flat);
 - `decode_bytes_per_element`: memory a decoded block needs per element, temporaries included;
+- `buffer_bytes_per_element`: of it, what the read buffer must hold: the stored bytes, and the decoded values
+  and temporaries a decode places after them (see `plain.buffer_region`), at most `decode_bytes_per_element`;
 - `read_rows(start, stop, buffer, device) -> Tensor[stop - start, row_elements]` in `dtype`: the stored bytes
   are read into `buffer` on the host and decoded on `device` (a GPU when the merge runs there); the result may
   view `buffer` (a 4-bit block decodes into it, after its packed bytes), so it lives until `buffer` is reused.
@@ -20,7 +22,7 @@ import torch
 
 from ..device import CPU
 from ..errors import InputError
-from .bnb4 import QUANT_STATE_PREFIX, SIDECARS, Bnb4Encoding, Bnb4Source, bnb4_source
+from .bnb4 import QUANT_STATE_PREFIX, SIDECARS, Bnb4Encoding, bnb4_source
 from .int8 import Int8Encoding, int8_source
 from .plain import TensorRef
 
@@ -60,15 +62,10 @@ class Source(Protocol):
     @property
     def decode_bytes_per_element(self) -> int: ...
 
+    @property
+    def buffer_bytes_per_element(self) -> int: ...
+
     def read_rows(self, start: int, stop: int, buffer: memoryview, device: torch.device = CPU) -> torch.Tensor: ...
-
-
-def buffer_bytes_per_element(source: Source) -> int:
-    """Bytes of the read buffer a row block of `source` takes per element: its stored bytes, and for a 4-bit
-    source its decoded values too (decoded there, a reused buffer, rather than into a fresh allocation per
-    block, whose page faults cost as much as the decode itself)."""
-    stored = -(-source.stored_bytes // max(1, source.numel))
-    return stored + (source.dtype.itemsize if isinstance(source, Bnb4Source) else 0)
 
 
 def group_sources(tensors: dict[str, TensorRef], int8_dtype: torch.dtype) -> dict[str, Source]:

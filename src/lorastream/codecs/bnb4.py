@@ -22,7 +22,7 @@ from ..dtypes import FLOAT_DTYPES
 from ..errors import InputError
 from . import kernels
 from .geometry import SameGeometry
-from .plain import TensorRef
+from .plain import TensorRef, buffer_region
 
 if TYPE_CHECKING:
     from . import Source
@@ -84,6 +84,11 @@ class Bnb4Source:
     decode_bytes_per_element = 25
     uses_kernels = True
 
+    @property
+    def buffer_bytes_per_element(self) -> int:
+        """The packed nibbles (a byte, rounded up), then the decoded values."""
+        return 1 + self.dtype.itemsize
+
     @cached_property
     def _code(self) -> torch.Tensor:
         return self.quant_map.read().float()
@@ -111,12 +116,9 @@ class Bnb4Source:
         packed_bytes = (count + 1) // 2
         raw = _read_bytes(self.packed, first // 2, packed_bytes, buffer).to(device)
         absmax = self._absmax(first // self.blocksize, math.ceil(count / self.blocksize)).to(device)
-        room = -(-packed_bytes // 64) * 64  # the decoded values go after the packed bytes, aligned
-        out = None
-        if device == CPU and room + count * self.dtype.itemsize <= len(buffer):
-            out = torch.frombuffer(buffer, dtype=torch.uint8, count=count * self.dtype.itemsize, offset=room)
+        out, _ = buffer_region(buffer if device == CPU else None, packed_bytes, count, self.dtype)
         return kernels.decode_4bit(raw, self._code, absmax, self.blocksize, count, self.dtype,
-                                   None if out is None else out.view(self.dtype)).view(stop - start, cols)
+                                   out).view(stop - start, cols)
 
 
 def _read_bytes(ref: TensorRef, first_byte: int, count: int, buffer: memoryview) -> torch.Tensor:
@@ -398,6 +400,11 @@ class RoundTripSource(SameGeometry):
         return self.inner.decode_bytes_per_element + Bnb4Source.decode_bytes_per_element + 4
 
     @property
+    def buffer_bytes_per_element(self) -> int:
+        """The inner block, then its float32 values, their packed codes and the decoded result."""
+        return self.inner.buffer_bytes_per_element + 4 + 1 + self.inner.dense_dtype.itemsize
+
+    @property
     def resident_bytes(self) -> int:
         """With double quantization, the whole tensor's block absmax, kept while it is read (and its copy while
         it is built)."""
@@ -419,12 +426,19 @@ class RoundTripSource(SameGeometry):
     def read_rows(self, start: int, stop: int, buffer: memoryview, device: torch.device = CPU) -> torch.Tensor:
         nested = self._nested_absmax(buffer) if self.encoding.double_quant else None
         quantizer = Quantizer4(self.encoding.quant_type, self.encoding.blocksize)
-        values = self.inner.read_rows(start, stop, buffer, device).float()
-        packed = torch.empty((values.numel() + 1) // 2, dtype=torch.uint8, device=values.device)
+        rows = self.inner.read_rows(start, stop, buffer, device)
+        count = rows.numel()
+        host = buffer if device == CPU else None
+        values, end = buffer_region(host, count * self.inner.buffer_bytes_per_element, count, torch.float32)
+        packed, end = buffer_region(host, end, (count + 1) // 2, torch.uint8)
+        decoded, _ = buffer_region(host, end, count, self.inner.dense_dtype)
+        values = rows.float() if values is None else values.view(rows.shape).copy_(rows)
+        if packed is None:
+            packed = torch.empty((count + 1) // 2, dtype=torch.uint8, device=values.device)
         _, absmax = quantizer.quantize(values, packed)
         if nested is not None:
             first_block = start * self.row_elements // self.encoding.blocksize
             absmax = nested[first_block:first_block + len(absmax)]
         decoded = kernels.decode_4bit(packed, quantizer.code.to(device), absmax.to(device), self.encoding.blocksize,
-                                      values.numel(), self.inner.dense_dtype)
-        return decoded.to(self.dtype).view(values.shape)
+                                      count, self.inner.dense_dtype, decoded)
+        return decoded.to(self.dtype).view(rows.shape)

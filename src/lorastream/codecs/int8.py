@@ -17,7 +17,7 @@ from ..errors import InputError
 from . import kernels
 from .bnb4 import tensor_bytes
 from .geometry import SameGeometry
-from .plain import TensorRef
+from .plain import TensorRef, buffer_region
 
 INV_127 = 7.874015718698502e-3
 
@@ -43,14 +43,20 @@ class Int8Source(SameGeometry):
     row_alignment = 1
     # int8 rows (1), their float32 copy (4), the scaled float32 result (4), the cast (up to 4)
     decode_bytes_per_element = 13
+    # the int8 rows, then their float32 values, scaled in place
+    buffer_bytes_per_element = 5
 
     @cached_property
     def _scb(self) -> torch.Tensor:
         return self.scb.read().float()
 
     def read_rows(self, start: int, stop: int, buffer: memoryview, device: torch.device = CPU) -> torch.Tensor:
-        rows = self.weight.read_rows(start, stop, buffer, device).float()
-        return rows * self._scb[start:stop].to(device).view(-1, 1) * INV_127
+        rows = self.weight.read_rows(start, stop, buffer, device)
+        values, _ = buffer_region(buffer if device == CPU else None, rows.numel(), rows.numel(), torch.float32)
+        if values is None:
+            return rows.float() * self._scb[start:stop].to(device).view(-1, 1) * INV_127
+        values = values.view(rows.shape).copy_(rows)
+        return values.mul_(self._scb[start:stop].view(-1, 1)).mul_(INV_127)
 
 
 def int8_source(module: str, tensors: dict[str, TensorRef], dense_dtype: torch.dtype) -> Int8Source:

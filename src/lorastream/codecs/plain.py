@@ -16,6 +16,24 @@ from ..device import CPU
 from ..errors import InputError
 from ..io.locations import Location, RemotePath
 
+# Room for the 64-byte alignment of the regions a decode places in a read buffer (see `buffer_region`).
+BUFFER_SLACK = 256
+
+
+def buffer_region(buffer: memoryview | None, offset: int, count: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor | None, int]:
+    """`count` values of `dtype` viewing `buffer` from `offset` rounded up to 64 bytes, and the offset after them;
+    None where there is no buffer or they do not fit. A decode puts its result and temporaries there, after the
+    stored bytes, rather than in fresh memory: a fresh block-sized tensor is fresh pages (glibc's mmap threshold
+    is lowered, see `memory.keep_heap_bounded`), whose page faults cost as much as the decode itself."""
+    start = -(-offset // 64) * 64
+    end = start + count * dtype.itemsize
+    if buffer is None or end > len(buffer):
+        return None, end
+    if count == 0:
+        return torch.empty(0, dtype=dtype), end
+    return torch.frombuffer(buffer, dtype=torch.uint8, count=end - start, offset=start).view(dtype), end
+
 
 @dataclass(frozen=True)
 class TensorRef:
@@ -59,6 +77,10 @@ class TensorRef:
 
     @property
     def decode_bytes_per_element(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def buffer_bytes_per_element(self) -> int:
         return self.dtype.itemsize
 
     @property

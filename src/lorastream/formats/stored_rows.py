@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..codecs.plain import TensorRef
+from ..codecs.plain import TensorRef, buffer_region
 from ..device import CPU
 from ..errors import InputError
 
@@ -87,6 +87,10 @@ class StoredRows:
     @property
     def decode_bytes_per_element(self) -> int:
         """The stored bytes, plus the rounded copy when the dtypes differ."""
+        return self.buffer_bytes_per_element
+
+    @property
+    def buffer_bytes_per_element(self) -> int:
         return self.stored_dtype.itemsize + (self.dtype.itemsize if self.dtype != self.stored_dtype else 0)
 
     def read_rows(self, start: int, stop: int, buffer: memoryview, device: torch.device = CPU) -> torch.Tensor:
@@ -100,7 +104,9 @@ class StoredRows:
                 piece.read_elements_into(low - piece_start, high - low, buffer[(low - first) * itemsize:])
             piece_start += piece.numel
         rows = torch.frombuffer(buffer, dtype=self.stored_dtype, count=end - first).view(stop - start, cols)
-        return rows.to(device, self.dtype)
+        rounded, _ = buffer_region(buffer if device == CPU else None, rows.numel() * itemsize, rows.numel(), self.dtype)
+        return rows.to(device, self.dtype) if rounded is None or rows.dtype == self.dtype else (
+            rounded.view(rows.shape).copy_(rows))
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,11 @@ class SourceRows:
         return max(source.decode_bytes_per_element for source, _, _ in self.parts) + self.dtype.itemsize
 
     @property
+    def buffer_bytes_per_element(self) -> int:
+        """Each part's block read in turn at the buffer's start, the joined block after the largest."""
+        return max(source.buffer_bytes_per_element for source, _, _ in self.parts) + self.dtype.itemsize
+
+    @property
     def resident_bytes(self) -> int:
         return sum(getattr(source, "resident_bytes", 0) for source in {id(s): s for s, _, _ in self.parts}.values())
 
@@ -174,7 +185,11 @@ class SourceRows:
 
     def read_rows(self, start: int, stop: int, buffer: memoryview, device: torch.device = CPU) -> torch.Tensor:
         """Each overlapping part read through its source (which may use `buffer`), copied into the block."""
-        block = torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype, device=device)
+        count = (stop - start) * self.row_elements
+        block, _ = buffer_region(buffer if device == CPU else None,
+                                 count * (self.buffer_bytes_per_element - self.dtype.itemsize), count, self.dtype)
+        block = (torch.empty(count, dtype=self.dtype, device=device) if block is None else block).view(
+            stop - start, *self.shape[1:])
         at = 0
         for source, first, end in self.parts:
             low, high = max(start, at), min(stop, at + end - first)
