@@ -191,6 +191,11 @@ def test_wrong_flags_and_destinations_are_refused(litgpt_cases: Path, tmp_path: 
     assert result.exit_code == 2 and "lora_key" in result.output
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (litgpt_cases / "q_only_mixed" / "run")
                                                            .iterdir() if p.name != "lit_model.pth")
+    # the Hugging Face way, base then adapter: the base is named, with the way LitGPT runs are merged
+    as_hf = runner.invoke(main, ["merge", str(litgpt_cases / "q_only_mixed" / "base"), str(run), "-o",
+                                 str(tmp_path / "out")])
+    assert as_hf.exit_code == 2 and "a LitGPT checkpoint (lit_model.pth)" in as_hf.output
+    assert "lorastream merge RUN" in as_hf.output and not (tmp_path / "out").exists()
 
 
 def _round_trip(path: Path) -> dict[str, torch.Tensor]:

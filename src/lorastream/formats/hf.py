@@ -95,6 +95,10 @@ def open_hf_model(folder: Path) -> HFModel:
     """Read the headers of a Hugging Face model folder; no weight bytes are loaded."""
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
+    hf_weights = (SAFETENSORS_SINGLE, SAFETENSORS_INDEX, BIN_SINGLE, BIN_INDEX)
+    if (folder / "lit_model.pth").is_file() and not any((folder / name).is_file() for name in hf_weights):
+        raise InputError(f"{folder}: a LitGPT checkpoint (lit_model.pth), not a Hugging Face folder; merge a LitGPT "
+                         "run as `lorastream merge RUN` (its hyperparameters.yaml names this base)")
     config = read_json(folder / "config.json")
     if not isinstance(config, dict):
         raise InputError(f"{folder / 'config.json'}: expected a JSON object")
