@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 LITGPT_VENV ?= .venv-litgpt
 LITGPT_SPEC ?= litgpt==0.5.13
 
-# llama.cpp's reference tools (converter, gguf-py, llama-quantize), built once into the cache (~45 min on 2 cores).
+# llama.cpp's reference tools (converter, gguf-py, llama-quantize), built once into the cache (about 4 minutes on 2 cores).
 LLAMA_CPP_CACHE ?= $(or $(LORASTREAM_CACHE),$(HOME)/.cache/lorastream)/llama.cpp
 
 .PHONY: install demo test lint docs package-check bench clean llama-cpp

@@ -4,7 +4,7 @@
 #   $LLAMA_CPP_CACHE/src/        the extracted sdist: vendor/llama.cpp/convert_hf_to_gguf.py, gguf-py, llama_cpp
 #   $LLAMA_CPP_CACHE/build/bin/  llama-quantize, libllama.so, libggml*.so (cmake, CPU only)
 #   $LLAMA_CPP_CACHE/qwen2-tokenizer/  Qwen2's BPE tokenizer, rebuilt from llama.cpp's ggml-vocab-qwen2.gguf
-# A no-op when the cache is complete. The build takes about 45 minutes on 2 cores.
+# A no-op when the cache is complete. The build (llama-quantize and libllama only) takes about 4 minutes on 2 cores.
 # Usage: tools/llama_cpp.sh PYTHON
 set -euo pipefail
 PY=${1:?usage: tools/llama_cpp.sh PYTHON}
