@@ -1,6 +1,7 @@
 """lorastream's GGUF against the usual route, per type: wall time, peak RSS and extra disk.
 
     python benchmarks/gguf_route.py BASE ADAPTER --types bfloat16,q8_0,q4_k_m --work DIR [--max-memory 1GiB]
+                                    [--repeat 3]
 
 The route is what people run today: merge to a 16-bit folder (lorastream, the fastest way there; one shard, as
 PEFT's `save_pretrained` writes it), then llama.cpp's `convert_hf_to_gguf.py` (straight to q8_0 for q8_0, else
@@ -9,6 +10,9 @@ Each step runs in a fresh process under `/usr/bin/time -v`, both merges from a w
 time: user + system, which a machine shared with other work perturbs less, peak RSS); extra disk is everything a
 route leaves on disk at its peak (for the route: the merged folder, the 16-bit GGUF and the quantized GGUF). Both
 outputs are compared byte for byte (provenance keys aside) and the table says whether they are the same.
+With `--repeat N` the two run alternately N times per type; the table shows each side's median run (by wall
+time), the ratio of those medians and the range of the N side-by-side ratios: on a 2-core machine one run of
+either side varies by 10% from the next.
 
 BASE needs a tokenizer llama.cpp's converter reads; one without `tokenizer.model` (the benchmark models of
 make_models.py carry a placeholder BPE tokenizer the converter does not recognise) is given a small
@@ -127,6 +131,11 @@ def same_file(ours: Path, theirs: Path) -> bool:
     return sections(ours) == sections(theirs)
 
 
+def median_run(reports: list[dict[str, float]]) -> dict[str, float]:
+    """The run whose wall time is the median (the upper one of an even count): a whole run, steps and all."""
+    return sorted(reports, key=lambda report: report["wall_s"])[len(reports) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", type=Path)
@@ -134,7 +143,10 @@ def main() -> None:
     parser.add_argument("--types", default="bfloat16,q8_0,q4_k_m")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--max-memory", default="1GiB")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each side per type, alternating")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat takes 1 or more")
     args.work.mkdir(parents=True, exist_ok=True)
     base = with_tokenizer(args.base.resolve(), args.work)
     rows = ["| type | lorastream (s) | route (s): merge + convert [+ quantize] | ratio | CPU s lorastream / route "
@@ -142,17 +154,25 @@ def main() -> None:
             "|---|---:|---|---:|---|---|---|---|"]
     results = {}
     for kind in args.types.split(","):
-        ours, our_file = lorastream_gguf(base, args.adapter, kind, args.work, args.max_memory)
-        theirs, their_file = route(base, args.adapter, kind, args.work, args.max_memory)
-        same = same_file(our_file, their_file)
-        results[kind] = {"lorastream": ours, "route": theirs, "same_bytes": same}
+        runs = []
+        for attempt in range(args.repeat):
+            ours, our_file = lorastream_gguf(base, args.adapter, kind, args.work, args.max_memory)
+            theirs, their_file = route(base, args.adapter, kind, args.work, args.max_memory)
+            if attempt == 0:  # the bytes do not change from run to run
+                same = same_file(our_file, their_file)
+            runs.append((ours, theirs))
+            for path in (our_file, their_file, *args.work.glob("route-*.gguf")):
+                path.unlink(missing_ok=True)
+        ours, theirs = (median_run([run[side] for run in runs]) for side in (0, 1))
+        ratios = [o["wall_s"] / t["wall_s"] for o, t in runs]
+        results[kind] = {"lorastream": ours, "route": theirs, "same_bytes": same, "ratios": ratios}
+        spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
         rows.append(f"| {kind} | {ours['wall_s']:.1f} | {theirs['wall_s']:.1f} "
-                    f"({' + '.join(f'{s:.1f}' for s in theirs['steps_s'])}) | {ours['wall_s'] / theirs['wall_s']:.2f} "
+                    f"({' + '.join(f'{s:.1f}' for s in theirs['steps_s'])}) "
+                    f"| {ours['wall_s'] / theirs['wall_s']:.2f}{spread} "
                     f"| {ours['cpu_s']:.0f} / {theirs['cpu_s']:.0f} "
                     f"| {ours['peak_rss_kib'] / 1024:.0f} / {theirs['peak_rss_kib'] / 1024:.0f} "
                     f"| {ours['disk'] / 1e9:.2f} / {theirs['disk'] / 1e9:.2f} | {'yes' if same else 'NO'} |")
-        for path in (our_file, their_file, *args.work.glob("route-*.gguf")):
-            path.unlink(missing_ok=True)
     (args.work / "gguf_route.json").write_text(json.dumps(results, indent=2))
     print("\n".join(rows))
 
