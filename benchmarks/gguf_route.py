@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import TIME_BIN, parse_time_report, warm_page_cache
+from run import TIME_BIN, parse_time_report, tree_bytes, warm_page_cache
 
 LLAMA_CPP = Path(os.environ.get("LORASTREAM_CACHE") or Path.home() / ".cache" / "lorastream") / "llama.cpp"
 CONVERTER = LLAMA_CPP / "src" / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
@@ -48,12 +48,6 @@ def timed(argv: list[str], log: Path, env: dict[str, str] | None = None) -> dict
     if done.returncode != 0:
         raise SystemExit(f"{argv[0]} failed (exit {done.returncode}); see {log}")
     return report
-
-
-def tree_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def with_tokenizer(base: Path, work: Path) -> Path:
